@@ -1,0 +1,131 @@
+"""The public op `longformer_attention` and its per-call backend dispatch.
+
+Each backend is a module with three functions:
+
+* `unavailable_reason() -> str | None`: why it cannot run on this machine at all (cached by the caller);
+* `cannot_serve(args: AttentionArgs) -> str | None`: why it cannot serve this particular call;
+* `attention(args: AttentionArgs) -> Tensor`: the result, `(B, N, H, D)` in `q.dtype`.
+
+`backend="auto"` takes the first of `BACKEND_ORDER` that can serve the call; an explicit backend that cannot
+serve raises `ValueError` with the reason. `PREFIX_KERNELS_BACKEND` overrides the `backend` argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from .checks import AttentionArgs, check_inputs
+
+BACKEND_ORDER = ("cuda", "triton", "reference")
+_BACKEND_MODULES = {
+    "cuda": "prefix_kernels.cuda_attention",
+    "triton": "prefix_kernels.triton_attention",
+    "reference": "prefix_kernels.reference",
+}
+ENV_VAR = "PREFIX_KERNELS_BACKEND"
+
+
+@functools.cache
+def _load(name: str):
+    """The backend module, or the reason it cannot be imported."""
+    try:
+        return importlib.import_module(_BACKEND_MODULES[name]), None
+    except Exception as exc:  # a missing optional dependency (triton) or a broken build
+        return None, f"import failed: {type(exc).__name__}: {exc}"
+
+
+@functools.cache
+def _unavailable(name: str) -> str | None:
+    module, why = _load(name)
+    if module is None:
+        return why
+    return module.unavailable_reason()
+
+
+def available_backends() -> dict[str, str | None]:
+    """`{"cuda": None | "why not", "triton": ..., "reference": None}`: `None` means usable on this machine."""
+    return {name: _unavailable(name) for name in BACKEND_ORDER}
+
+
+def _why_not(name: str, args: AttentionArgs) -> str | None:
+    why = _unavailable(name)
+    if why is not None:
+        return why
+    module, _ = _load(name)
+    return module.cannot_serve(args)
+
+
+def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
+    """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
+    backend = os.environ.get(ENV_VAR) or backend
+    if backend not in ("auto", *BACKEND_ORDER):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_ORDER))}; got {backend!r}")
+    if backend != "auto":
+        why = _why_not(backend, args)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
+        return backend
+    reasons = {}
+    for name in BACKEND_ORDER:
+        why = _why_not(name, args)
+        if why is None:
+            return name
+        reasons[name] = why
+    raise ValueError(f"no backend can serve this call: {reasons}")
+
+
+def longformer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    is_global: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    q_global: torch.Tensor | None = None,
+    k_global: torch.Tensor | None = None,
+    v_global: torch.Tensor | None = None,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Longformer self-attention: sliding window + global tokens + prefix keys/values (semantics: `reference`).
+
+    Args:
+        q, k, v: `(B, N, H, D)` local projections; `q` is not pre-scaled.
+        window: one-sided window `w`: local query `i` sees keys `|i - j| <= w`.
+        is_global: `(B, N)` bool, tokens with global attention (they attend to, and are attended by, all).
+        key_padding_mask: `(B, N)` bool, `True` = padding (output row 0, never attended).
+        q_global, k_global, v_global: `(B, N, H, D)` global projections, required when any token is global.
+        prefix_k, prefix_v: `(B, P, H, D)` or `(P, H, D)` prefix-tuning keys/values seen by every query.
+        softmax_scale: defaults to `D ** -0.5`.
+        dropout_p: attention dropout on both probability matrices (pass 0 in eval).
+        backend: "auto" | "cuda" | "triton" | "reference"; env `PREFIX_KERNELS_BACKEND` overrides.
+
+    Returns:
+        `(B, N, H, D)` in `q.dtype`; padding rows and rows with no admissible key are 0.
+    """
+    args = check_inputs(
+        q,
+        k,
+        v,
+        window=window,
+        is_global=is_global,
+        key_padding_mask=key_padding_mask,
+        q_global=q_global,
+        k_global=k_global,
+        v_global=v_global,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+    )
+    name = select_backend(args, backend)
+    module, _ = _load(name)
+    return module.attention(args)

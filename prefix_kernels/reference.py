@@ -1,0 +1,222 @@
+r"""The semantics of `longformer_attention`, written down once, and the two pure-PyTorch references.
+
+Notation, per batch row `b`: `N` tokens, `pad[j]` = padding, `glob[j]` = global token (never both: padding
+wins), one-sided window `w`, prefix keys/values `0..P-1` (prefix-tuning), `s = softmax_scale` (default
+`D ** -0.5`, applied to the unscaled `q`). Every softmax is computed in fp32 (fp64 for fp64 inputs).
+
+* padding query `i` -> output 0.
+* local query `i` (not global, not padding): one softmax over
+      band keys    {j : |i - j| <= w, not pad[j], not glob[j]}   scores s * q_i . k_j   (local k, v)
+    U global keys  {j : glob[j]}                                   scores s * q_i . k_j   (local k, v, once)
+    U prefix keys  {p : 0 <= p < P}                                scores s * q_i . prefix_k_p
+* global query `i`: one softmax over
+      all keys     {j : not pad[j]}                                scores s * qg_i . kg_j (global kg, vg)
+    U prefix keys  {p : 0 <= p < P}                                scores s * qg_i . prefix_k_p
+* dropout `p` on both probability matrices (kept entries scaled by 1 / (1 - p)).
+* a row whose key set is empty outputs 0 (never NaN), with zero gradients.
+
+The mask for N = 10, w = 2, glob = {0, 6}, pad = {9}, P = 0 (`#` band key, `G` global key, `.` not attended;
+rows 0 and 6 are global queries and see every non-padding key through the global projections; row 9 is
+padding):
+
+        key j:  0 1 2 3 4 5 6 7 8 9
+    query 0     G # # # # # G # # .      <- global query (qg . kg)
+    query 1     G # # # . . G . . .
+    query 2     G # # # # . G . . .
+    query 3     G # # # # # G . . .
+    query 4     G . # # # # G . . .      band keys 2..6, key 6 counted once, as a global key
+    query 5     G . . # # # G # . .
+    query 6     G # # # # # G # # .      <- global query
+    query 7     G . . . . # G # # .
+    query 8     G . . . . . G # # .      key 9 is padding
+    query 9     . . . . . . . . . .      <- padding query: output 0
+
+`dense_attention` builds these `N x N` masks explicitly (tests only). `chunked_attention` (the "reference"
+backend) computes the same thing in memory `O(B * H * N * (c + 2w + G + P))`, never `N x N`: query chunks of
+`c` rows against their `c + 2w` band keys, the `G` global keys, and the prefix; the global rows against all keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import AttentionArgs, check_inputs
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to `allowed`; rows with nothing allowed give exactly 0.
+
+    The row max is detached (softmax is invariant to it) and replaced by 0 for empty rows, so neither the
+    forward nor the backward ever forms `-inf - -inf`: all-padding rows keep finite gradients in fp16.
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bhnd(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`(B, N, H, D)` -> `(B, H, N, D)` in the compute dtype."""
+    return None if t is None else t.transpose(1, 2).to(dtype)
+
+
+def global_positions(is_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact global index: `(B, G)` positions (increasing; tail entries arbitrary) and `(B, G)` validity.
+
+    `G` is the largest per-row count (one host read). A stable sort puts each row's globals first, in order.
+    """
+    counts = is_global.sum(dim=1)
+    g = int(counts.max()) if is_global.numel() else 0
+    order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]
+    valid = torch.arange(g, device=is_global.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`t (B, H, N, D)`, `idx (B, G)` -> `(B, H, G, D)`."""
+    b, h, _, d = t.shape
+    return torch.gather(t, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+
+
+def _dropout(p: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    return F.dropout(p, dropout_p, training=True) if dropout_p > 0 else p
+
+
+def _global_rows(a: AttentionArgs, cdt: torch.dtype, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Global queries against every non-padding key (+ prefix), scattered back to `(B, H, N, D)` (0 elsewhere)."""
+    qg, kg, vg = (_bhnd(t, cdt) for t in (a.q_global, a.k_global, a.v_global))
+    b, h, n, d = qg.shape
+    q_sel = _gather_rows(qg, idx)
+    scores = torch.matmul(q_sel, kg.transpose(-1, -2)) * a.softmax_scale
+    key_ok = torch.ones(b, n, dtype=torch.bool, device=qg.device)
+    if a.key_padding_mask is not None:
+        key_ok = ~a.key_padding_mask
+    allowed = valid[:, None, :, None] & key_ok[:, None, None, :]
+    values = vg
+    if a.prefix_k is not None:
+        pk, pv = _bhnd(a.prefix_k, cdt), _bhnd(a.prefix_v, cdt)
+        scores = torch.cat([scores, torch.matmul(q_sel, pk.transpose(-1, -2)) * a.softmax_scale], dim=-1)
+        allowed = torch.cat([allowed, valid[:, None, :, None].expand(b, 1, idx.shape[1], pk.shape[2])], dim=-1)
+        values = torch.cat([vg, pv], dim=2)
+    probs = _dropout(masked_softmax(scores, allowed), a.dropout_p)
+    out_sel = torch.matmul(probs, values)  # invalid (tail) rows are exactly 0
+    full = torch.zeros(b, h, n, d, dtype=cdt, device=qg.device)
+    return full.scatter_add(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d), out_sel)
+
+
+def _combine(a: AttentionArgs, out_local: torch.Tensor, out_global: torch.Tensor | None) -> torch.Tensor:
+    """Global rows take the global result, padding rows 0; back to `(B, N, H, D)` in the input dtype."""
+    out = out_local
+    if out_global is not None:
+        out = torch.where(a.is_global[:, None, :, None], out_global, out)
+    if a.key_padding_mask is not None:
+        out = out.masked_fill(a.key_padding_mask[:, None, :, None], 0.0)
+    return out.transpose(1, 2).to(a.q.dtype)
+
+
+def chunked_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor:
+    """Memory-efficient reference (the "reference" backend): differentiable, any device and dtype.
+
+    Query chunks of `chunk` rows (default `clamp(w, 32, 512)`) see keys `[start - w, end + w)`; scores of
+    a chunk are `(B, H, chunk, chunk + 2w + G + P)`, so autograd keeps `O(N * (chunk + 2w + G + P))` per head.
+    """
+    cdt = _compute_dtype(a.dtype)
+    b, n, h, d = a.shape
+    w = a.window
+    q, k, v = (_bhnd(t, cdt) for t in (a.q, a.k, a.v))
+    dev = q.device
+    key_ok = torch.ones(b, n, dtype=torch.bool, device=dev)  # may be a band key
+    if a.key_padding_mask is not None:
+        key_ok &= ~a.key_padding_mask
+    idx = valid = None
+    if a.is_global is not None:
+        key_ok &= ~a.is_global
+        idx, valid = global_positions(a.is_global)
+        k_glob, v_glob = _gather_rows(k, idx), _gather_rows(v, idx)
+    pk = _bhnd(a.prefix_k, cdt)
+    pv = _bhnd(a.prefix_v, cdt)
+
+    c = chunk or max(32, min(w, 512))
+    outs = []
+    for start in range(0, n, c):
+        end = min(start + c, n)
+        k0, k1 = max(0, start - w), min(n, end + w)
+        qc = q[:, :, start:end]
+        rows = torch.arange(start, end, device=dev)[:, None]
+        cols = torch.arange(k0, k1, device=dev)[None, :]
+        band = (rows - cols).abs() <= w
+        parts_s = [torch.matmul(qc, k[:, :, k0:k1].transpose(-1, -2))]
+        parts_a = [(band[None] & key_ok[:, None, k0:k1])[:, None]]
+        parts_v = [v[:, :, k0:k1]]
+        if idx is not None:
+            parts_s.append(torch.matmul(qc, k_glob.transpose(-1, -2)))
+            parts_a.append(valid[:, None, None, :].expand(b, 1, end - start, idx.shape[1]))
+            parts_v.append(v_glob)
+        if pk is not None:
+            parts_s.append(torch.matmul(qc, pk.transpose(-1, -2)))
+            parts_a.append(torch.ones(b, 1, end - start, pk.shape[2], dtype=torch.bool, device=dev))
+            parts_v.append(pv)
+        scores = torch.cat(parts_s, dim=-1) * a.softmax_scale
+        allowed = torch.cat([m.expand(b, 1, end - start, m.shape[-1]) for m in parts_a], dim=-1)
+        probs = _dropout(masked_softmax(scores, allowed), a.dropout_p)
+        outs.append(torch.matmul(probs, torch.cat(parts_v, dim=2)))
+    out_local = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, d)
+    out_global = _global_rows(a, cdt, idx, valid) if idx is not None else None
+    return _combine(a, out_local, out_global)
+
+
+def dense_attention(q, k, v, *, window, **kwargs) -> torch.Tensor:
+    """Dense `O(N^2)` reference for tests: explicit `(B, N, N)` masks, one softmax per branch.
+
+    Same keyword arguments as `longformer_attention` (without `backend`); returns `(B, N, H, D)` in `q.dtype`.
+    """
+    a = check_inputs(q, k, v, window=window, **kwargs)
+    cdt = _compute_dtype(a.dtype)
+    b, n, h, d = a.shape
+    dev = a.q.device
+    pad = a.key_padding_mask if a.key_padding_mask is not None else torch.zeros(b, n, dtype=torch.bool, device=dev)
+    glob = a.is_global if a.is_global is not None else torch.zeros(b, n, dtype=torch.bool, device=dev)
+    pos = torch.arange(n, device=dev)
+    band = (pos[:, None] - pos[None, :]).abs() <= a.window
+    local_allowed = (band[None] & ~pad[:, None, :] & ~glob[:, None, :]) | (glob & ~pad)[:, None, :]
+    global_allowed = (~pad)[:, None, :].expand(b, n, n)
+
+    def branch(qq, kk, vv, allowed):
+        qq, kk, vv = (_bhnd(t, cdt) for t in (qq, kk, vv))
+        scores = torch.matmul(qq, kk.transpose(-1, -2)) * a.softmax_scale
+        allowed = allowed[:, None]
+        if a.prefix_k is not None:
+            pk, pv = _bhnd(a.prefix_k, cdt), _bhnd(a.prefix_v, cdt)
+            scores = torch.cat([scores, torch.matmul(qq, pk.transpose(-1, -2)) * a.softmax_scale], dim=-1)
+            allowed = torch.cat([allowed, allowed.new_ones(b, 1, n, pk.shape[2])], dim=-1)
+            vv = torch.cat([vv, pv], dim=2)
+        probs = _dropout(masked_softmax(scores, allowed.expand(b, 1, n, scores.shape[-1])), a.dropout_p)
+        return torch.matmul(probs, vv)
+
+    out_local = branch(a.q, a.k, a.v, local_allowed)
+    out_global = branch(a.q_global, a.k_global, a.v_global, global_allowed) if a.is_global is not None else None
+    return _combine(a, out_local, out_global)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend-module interface (see `prefix_kernels.attention`): the reference serves every call, on any device.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def cannot_serve(args: AttentionArgs) -> str | None:
+    return None
+
+
+def attention(args: AttentionArgs) -> torch.Tensor:
+    return chunked_attention(args)
