@@ -219,4 +219,6 @@ def cannot_serve(args: AttentionArgs) -> str | None:
 
 
 def attention(args: AttentionArgs) -> torch.Tensor:
-    return chunked_attention(args)
+    # The reference picks its own compute dtype (fp32/fp64); autocast would recast its matmuls to bf16/fp16.
+    with torch.autocast(device_type=args.device.type, enabled=False):
+        return chunked_attention(args)
