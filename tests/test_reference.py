@@ -35,7 +35,8 @@ def run_hf_and_ours(b, n, heads, head_dim, w, *, n_global, pad_max, seed):
     for p in module.parameters():  # unit-variance projections: scores of O(1) spread
         torch.nn.init.normal_(p, std=c**-0.5)
     x = torch.randn(b, n, c)
-    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=gen)
     mask = hf_float_mask(is_global, pad)
     with torch.no_grad():
         expected = module(
@@ -137,7 +138,8 @@ def test_gradcheck_all_inputs_fp64():
         return pk.longformer_attention(window=2, is_global=is_global, key_padding_mask=pad, backend="reference", **kw)
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6)
-    assert torch.autograd.gradcheck(lambda *t: dense_attention(**dict(zip(names, t, strict=True)), window=2), tuple(inputs.values()))
+    dense = lambda *t: dense_attention(**dict(zip(names, t, strict=True)), window=2)  # noqa: E731
+    assert torch.autograd.gradcheck(dense, tuple(inputs.values()))
 
 
 def test_fp16_all_padding_window_stays_finite():
