@@ -87,7 +87,15 @@ def build_cuda_library(out_dir: Path) -> Path | None:
 class BuildPyWithCuda(build_py):
     def run(self):
         super().run()
-        build_cuda_library(Path(self.build_lib) / "prefix_kernels" / "_lib")
+        lib = build_cuda_library(Path(self.build_lib) / "prefix_kernels" / "_lib")
+        if lib is not None:
+            # Also beside the sources, so `python -m prefix_kernels` run from a checkout finds the library.
+            in_tree = ROOT / "prefix_kernels" / "_lib"
+            try:
+                in_tree.mkdir(exist_ok=True)
+                shutil.copy2(lib, in_tree / LIB_NAME)
+            except OSError:
+                pass
 
 
 setup(cmdclass={"build_py": BuildPyWithCuda})

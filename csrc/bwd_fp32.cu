@@ -1,0 +1,6 @@
+// Backward kernels for float, head dims 16/32/64/128 (one file per dtype so the build runs in parallel).
+#include "longformer_attention.cuh"
+
+namespace pk {
+PK_INSTANTIATE_BACKWARD(float)
+}  // namespace pk

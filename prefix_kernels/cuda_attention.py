@@ -1,0 +1,290 @@
+"""The CUDA backend: `ctypes` bindings of the torch-free library built from `csrc/` by `pip install .`.
+
+The library (`prefix_kernels/_lib/libprefix_kernels_cuda.so`, or the file named by `PREFIX_KERNELS_CUDA_LIB`)
+exposes `extern "C"` launchers taking raw device pointers and a CUDA stream; see `csrc/api.cu` for the C
+contract and `csrc/longformer_attention.cuh` for the kernel design. This module
+
+* loads it lazily and says why it cannot (`unavailable_reason`, `cannot_serve`: the backend-module interface
+  of `prefix_kernels.attention`);
+* wraps the two launchers as `forward` / `backward`, the contract the shared custom op in `prefix_kernels.fused`
+  calls: it allocates outputs and fp32 workspaces with torch and runs on `torch.cuda.current_stream()`.
+
+`lse` is `(B, H, N)` fp32 in the log2 domain of the scaled scores (`+inf` for padding rows and rows with no
+key); only this backend's `backward` reads it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .checks import AttentionArgs
+
+ENV_LIB = "PREFIX_KERNELS_CUDA_LIB"
+# Tests set this: outputs are NaN-filled before the kernels run, so a row that no kernel writes shows up.
+ENV_POISON = "PREFIX_KERNELS_POISON"
+LIB_NAME = "libprefix_kernels_cuda.so"
+ABI_VERSION = 1
+HEAD_DIMS = (16, 32, 64, 128)
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+# Columns (keys + prefix) per split of the global-row kernels; more splits when there are few global rows.
+_GLOBAL_CHUNK_MIN = 256
+_GLOBAL_TARGET_WARPS = 1 << 16
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_F = ctypes.c_float
+_U64 = ctypes.c_ulonglong
+_COMMON = [_I, _I, _I, _I, _I, _I, _I, _F, _F, _U64,  # dtype, B, N, H, D, P, window, scale, dropout_p, seed
+           _P, _P, _P, _P, _P, _P, _P, _P,  # q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
+           _P, _P, _P, _I, _I, _I]  # key_padding_mask, global_idx, global_count, max_global, chunk, splits
+_SIGNATURES = {
+    "pk_abi_version": ([], _I),
+    "pk_last_error": ([], ctypes.c_char_p),
+    "pk_supports_head_dim": ([_I], _I),
+    "pk_forward_workspace_floats": ([_I, _I, _I, _I, _I], ctypes.c_longlong),
+    # ... out, lse, tok_ws, gpart_ws, stream
+    "pk_forward": (_COMMON + [_P, _P, _P, _P, _P], _I),
+    # ... out, lse, grad_out, dq, dk, dv, dq_global, dk_global, dv_global, tok, delta,
+    #     ws_dk_gslot, ws_dv_gslot, ws_dqg_gslot, ws_dpk, ws_dpv, stream
+    "pk_backward": (_COMMON + [_P] * 17, _I),
+}
+ENTRY_POINTS = tuple(_SIGNATURES)
+
+
+def library_path() -> Path:
+    """Where the library is looked for: `$PREFIX_KERNELS_CUDA_LIB`, else `prefix_kernels/_lib/`."""
+    custom = os.environ.get(ENV_LIB)
+    if custom:
+        return Path(custom)
+    return Path(__file__).resolve().parent / "_lib" / LIB_NAME
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    path = library_path()
+    if not path.is_file():
+        return None, (
+            f"CUDA library not built ({path} missing): install with nvcc available "
+            "(CUDA_HOME=/usr/local/cuda PREFIX_KERNELS_BUILD_CUDA=1 pip install .)"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        return None, f"CUDA library {path} failed to load: {exc}"
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            return None, f"CUDA library {path} lacks the entry point {name} (stale build? reinstall)"
+        fn.argtypes = argtypes
+        fn.restype = restype
+    version = lib.pk_abi_version()
+    if version != ABI_VERSION:
+        return None, f"CUDA library {path} has ABI version {version}, expected {ABI_VERSION} (reinstall)"
+    return lib, None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library; raises `RuntimeError` with the reason when it cannot be loaded."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return lib
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend-module interface (see prefix_kernels.attention)
+
+
+def unavailable_reason() -> str | None:
+    _, why = _load()
+    if why is not None:
+        return why
+    if not torch.cuda.is_available():
+        return "built, but no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def cannot_serve(args: AttentionArgs) -> str | None:
+    # properties of the call first (testable without a GPU), then the device
+    if args.dtype not in _DTYPE_CODES:
+        return f"dtype {args.dtype} not supported (float16, bfloat16, float32)"
+    d = args.shape[3]
+    if d not in HEAD_DIMS:
+        return f"head dim {d} not compiled (supported: {', '.join(map(str, HEAD_DIMS))})"
+    if args.device.type != "cuda":
+        return f"tensors are on {args.device}, the CUDA backend needs a CUDA device"
+    major, _ = torch.cuda.get_device_capability(args.device)
+    if major < 8:
+        return f"compute capability {major}.x < 8.0 (the library targets sm_80 and sm_90)"
+    b, n, h, _ = args.shape
+    if n >= 2**31 - 1 or b * n * h * d >= 2**62:
+        return f"sequence length {n} too large"
+    return None
+
+
+def attention(args: AttentionArgs) -> torch.Tensor:
+    from .fused import fused_attention
+
+    return fused_attention(args, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Contiguous, and 16-byte aligned: the tensor-core kernels copy rows with 16-byte loads."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def _poison(*tensors: torch.Tensor | None) -> None:
+    if os.environ.get(ENV_POISON, "0") not in ("", "0"):
+        for t in tensors:
+            if t is not None:
+                t.fill_(float("nan"))
+
+
+def _check(rc: int, lib: ctypes.CDLL) -> None:
+    if rc != 0:
+        msg = lib.pk_last_error()
+        raise RuntimeError(msg.decode(errors="replace") if msg else f"prefix_kernels CUDA error {rc}")
+
+
+def _global_split(b: int, h: int, n: int, p: int, max_global: int) -> tuple[int, int]:
+    """`(chunk, num_splits)` of the global-row kernels: enough warps in flight, bounded partials memory."""
+    cols = n + p
+    if max_global == 0:
+        return 1, 1
+    want = max(1, _GLOBAL_TARGET_WARPS // max(1, b * h * max_global))
+    chunk = max(_GLOBAL_CHUNK_MIN, -(-cols // want))
+    return chunk, -(-cols // chunk)
+
+
+def _common_args(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                 global_count, window, scale, dropout_p, seed, max_global):
+    """Normalized tensors (contiguous, kept alive by the caller) and the leading C arguments."""
+    b, n, h, d = q.shape
+    if q.dtype not in _DTYPE_CODES:
+        raise RuntimeError(f"prefix_kernels CUDA: dtype {q.dtype} not supported")
+    has_global = q_global is not None and global_idx is not None and global_count is not None and max_global > 0
+    if not has_global:
+        max_global = 0
+    p = 0 if prefix_k is None else prefix_k.shape[1]
+    t = {
+        "q": _contig(q), "k": _contig(k), "v": _contig(v),
+        "qg": _contig(q_global) if has_global else None,
+        "kg": _contig(k_global) if has_global else None,
+        "vg": _contig(v_global) if has_global else None,
+        # an expanded (batch-stride 0) prefix becomes a real copy; autograd sums its gradient back
+        "pk": _contig(prefix_k) if p else None,
+        "pv": _contig(prefix_v) if p else None,
+        "kpm": _contig(key_padding_mask.to(torch.bool)) if key_padding_mask is not None else None,
+        "gidx": _contig(global_idx.to(torch.int32)) if has_global else None,
+        "gcnt": _contig(global_count.to(torch.int32)) if has_global else None,
+    }
+    for name in ("k", "v", "qg", "kg", "vg", "pk", "pv"):
+        if t[name] is not None and t[name].dtype != q.dtype:
+            raise RuntimeError(f"prefix_kernels CUDA: {name} has dtype {t[name].dtype}, expected {q.dtype}")
+    if has_global and tuple(t["gidx"].shape) != (b, max_global):
+        raise RuntimeError(f"prefix_kernels CUDA: global_idx must be (B, max_global) = {(b, max_global)}")
+    chunk, splits = _global_split(b, h, n, p, max_global)
+    window = min(int(window), n)
+    args = [_DTYPE_CODES[q.dtype], b, n, h, d, p, window, float(scale), float(dropout_p),
+            int(seed) & 0xFFFFFFFFFFFFFFFF,
+            *(_ptr(t[x]) for x in ("q", "k", "v", "qg", "kg", "vg", "pk", "pv", "kpm", "gidx", "gcnt")),
+            max_global, chunk, splits]
+    return t, args, (b, n, h, d, p, max_global, splits)
+
+
+def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
+    """`(out (B, N, H, D) q.dtype, lse (B, H, N) fp32)`; see the module docstring."""
+    lib = library()
+    b, n, h, d = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        lse.fill_(float("inf"))
+        return out, lse
+    with torch.cuda.device(q.device):
+        t, args, (_, _, _, _, _, max_global, splits) = _common_args(
+            q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+            window, scale, dropout_p, seed, max_global)
+        tok = torch.empty(b, n, device=q.device, dtype=torch.int32)
+        gpart = None
+        if max_global > 0:
+            floats = lib.pk_forward_workspace_floats(b, h, d, max_global, splits)
+            gpart = torch.empty(floats, device=q.device, dtype=torch.float32)
+        _poison(out, lse)
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        rc = lib.pk_forward(*args, out.data_ptr(), lse.data_ptr(), tok.data_ptr(), _ptr(gpart), stream)
+        _check(rc, lib)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+             global_count, out, lse, *, window, scale, dropout_p, seed, max_global):
+    """`(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is `None`."""
+    lib = library()
+    b, n, h, d = q.shape
+    dev = q.device
+    dq = torch.empty(b, n, h, d, device=dev, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    g_in = q_global is not None
+    p_in = prefix_k is not None
+
+    def zeros_like_input(t):
+        return None if t is None else torch.zeros(t.shape, device=dev, dtype=t.dtype)
+
+    if dq.numel() == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return (dq, dk, dv, zeros_like_input(q_global), zeros_like_input(k_global), zeros_like_input(v_global),
+                zeros_like_input(prefix_k), zeros_like_input(prefix_v))
+    with torch.cuda.device(dev):
+        t, args, (_, _, _, _, p, max_global, _) = _common_args(
+            q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+            window, scale, dropout_p, seed, max_global)
+        f32 = {"device": dev, "dtype": torch.float32}
+        if max_global > 0:
+            dqg, dkg, dvg = (torch.empty(b, n, h, d, device=dev, dtype=q.dtype) for _ in range(3))
+            ws_g = [torch.zeros(b, max_global, h, d, **f32) for _ in range(3)]
+        else:
+            # global projections given but no global row: their gradients are 0 and no kernel touches them
+            dqg, dkg, dvg = zeros_like_input(q_global), zeros_like_input(k_global), zeros_like_input(v_global)
+            ws_g = [None, None, None]
+        ws_dpk = torch.zeros(b, p, h, d, **f32) if p else None
+        ws_dpv = torch.zeros(b, p, h, d, **f32) if p else None
+        tok = torch.empty(b, n, device=dev, dtype=torch.int32)
+        delta = torch.empty(b, h, n, **f32)
+        g_out = _contig(grad_out)
+        o = _contig(out)
+        lse_c = lse.contiguous()
+        _poison(dq, dk, dv, dqg if max_global > 0 else None, dkg if max_global > 0 else None,
+                dvg if max_global > 0 else None)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        launch_dqg, launch_dkg, launch_dvg = (dqg, dkg, dvg) if max_global > 0 else (None, None, None)
+        rc = lib.pk_backward(
+            *args, o.data_ptr(), lse_c.data_ptr(), g_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            _ptr(launch_dqg), _ptr(launch_dkg), _ptr(launch_dvg), tok.data_ptr(), delta.data_ptr(),
+            *(_ptr(w) for w in ws_g), _ptr(ws_dpk), _ptr(ws_dpv), stream)
+        _check(rc, lib)
+    dpk = ws_dpk.to(prefix_k.dtype) if p_in and p else zeros_like_input(prefix_k)
+    dpv = ws_dpv.to(prefix_v.dtype) if p_in and p else zeros_like_input(prefix_v)
+    if not g_in:
+        dqg = dkg = dvg = None
+    return dq, dk, dv, dqg, dkg, dvg, dpk, dpv
