@@ -12,7 +12,6 @@ serve raises `ValueError` with the reason. `PREFIX_KERNELS_BACKEND` overrides th
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -20,7 +19,9 @@ import torch
 
 from .checks import AttentionArgs, check_inputs
 
-BACKEND_ORDER = ("cuda", "triton", "reference")
+# `auto` order, fastest first. Measured at the headline shape (bf16, B=4, N=16384, H=12, D=64, w=256, 17
+# globals, H200): Triton 0.70 ms forward / 2.49 ms forward+backward, the CUDA library 7.05 / 24.7 ms.
+BACKEND_ORDER = ("triton", "cuda", "reference")
 _BACKEND_MODULES = {
     "cuda": "prefix_kernels.cuda_attention",
     "triton": "prefix_kernels.triton_attention",
@@ -29,21 +30,30 @@ _BACKEND_MODULES = {
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
 
 
-@functools.cache
+_MODULES: dict[str, tuple] = {}
+
+
 def _load(name: str):
-    """The backend module, or the reason it cannot be imported."""
-    try:
-        return importlib.import_module(_BACKEND_MODULES[name]), None
-    except Exception as exc:  # a missing optional dependency (triton) or a broken build
-        return None, f"import failed: {type(exc).__name__}: {exc}"
+    """The backend module, or the reason it cannot be imported (a plain dict lookup once `_unavailable` ran, so
+    torch.compile traces it)."""
+    if name not in _MODULES:
+        try:
+            _MODULES[name] = (importlib.import_module(_BACKEND_MODULES[name]), None)
+        except Exception as exc:  # a missing optional dependency (triton) or a broken build
+            _MODULES[name] = (None, f"import failed: {type(exc).__name__}: {exc}")
+    return _MODULES[name]
 
 
-@functools.cache
+_REASONS: dict[str, str | None] = {}
+
+
+# Evaluated eagerly (importing the backend) even while torch.compile traces: dynamo cannot trace importlib.
+@torch.compiler.assume_constant_result
 def _unavailable(name: str) -> str | None:
-    module, why = _load(name)
-    if module is None:
-        return why
-    return module.unavailable_reason()
+    if name not in _REASONS:
+        module, why = _load(name)
+        _REASONS[name] = why if module is None else module.unavailable_reason()
+    return _REASONS[name]
 
 
 def available_backends() -> dict[str, str | None]:

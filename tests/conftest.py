@@ -1,9 +1,20 @@
-"""Shared test helpers: random inputs for `longformer_attention` and the HF-style float mask."""
+"""Shared test helpers: random inputs for `longformer_attention` and the HF-style float mask.
+
+On a machine without CUDA the Triton kernels run in Triton's CPU interpreter: `TRITON_INTERPRET` must be set
+before `triton` is first imported (`@triton.jit` reads it at decoration time), so it is set here, before any test
+module imports `prefix_kernels`. On a CUDA machine nothing changes (the GPU tests compile for real);
+`torch.cuda.is_available()` does not initialize the device.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def random_masks(b: int, n: int, *, n_global=(0, 3), pad_max: int = 0, generator=None, device="cpu"):

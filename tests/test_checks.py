@@ -65,7 +65,7 @@ def test_global_projections_may_be_omitted_when_no_token_is_global():
     kw = base(q_global=None, k_global=None, v_global=None, is_global=torch.zeros(2, 10, dtype=torch.bool))
     args = check_inputs(**kw)
     assert args.is_global is None and args.q_global is None
-    out = pk.longformer_attention(**kw)
+    out = pk.longformer_attention(**kw, backend="reference")
     assert out.shape == (2, 10, 2, 4) and torch.isfinite(out).all()
 
 

@@ -1,0 +1,207 @@
+"""The fused-op layer shared by the fused backends (`triton_attention`, `cuda_attention`).
+
+Two `torch.library` custom ops, `prefix_kernels::fused_attention_fwd` and `prefix_kernels::fused_attention_bwd`,
+take a `backend: str` and call that backend module's launchers. They carry `register_fake` (shapes only) and one
+`register_autograd` for both backends, so `torch.compile(fullgraph=True)` traces `longformer_attention` without
+graph breaks: everything data-dependent (the compact global index, its one host read, the dropout seed's value)
+happens inside the ops.
+
+Launcher contract (every fused backend module implements exactly these two functions):
+
+```
+forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+        *, window: int, scale: float, dropout_p: float, seed: int, max_global: int) -> (out, lse)
+backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+         global_count, out, lse, *, window, scale, dropout_p, seed, max_global)
+         -> (dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)   # None where the input is None
+```
+
+* `q, k, v, q_global, k_global, v_global`: `(B, N, H, D)`, one dtype; the `*_global` ones are `None` when no token
+  is global (then `global_idx`, `global_count` are `None` and `max_global == 0`).
+* `prefix_k, prefix_v`: `(B, P, H, D)`, possibly with batch stride 0, or `None`.
+* `key_padding_mask`: `(B, N)` bool (True = padding) or `None`; a padding token is never global.
+* `global_idx`: `(B, max_global)` int32 contiguous, each row's global positions in increasing order; entries at
+  or past `global_count[b]` are unused. `global_count`: `(B,)` int32.
+* `seed`: dropout seed, an int in `[2**31, 2**62)` (0 when `dropout_p == 0`); the same value reaches the backward.
+* `out`: `(B, N, H, D)` in `q.dtype` (padding rows 0); `lse`: `(B, H, N)` float32 whose meaning is up to the
+  backend (only its own backward reads it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+
+import torch
+from torch import Tensor
+
+from .checks import AttentionArgs
+
+_BACKEND_MODULES = {"triton": "prefix_kernels.triton_attention", "cuda": "prefix_kernels.cuda_attention"}
+
+
+def _backend(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Compact global index, cached per `is_global` tensor
+# ------------------------------------------------------------------------------------------------------------
+
+_INDEX_CACHE: dict[int, tuple[weakref.ref, int, tuple]] = {}
+
+
+def global_index(is_global: Tensor | None) -> tuple[Tensor | None, Tensor | None, int]:
+    """`(global_idx (B, G) int32, global_count (B,) int32, G)` for a `(B, N)` bool mask; `(None, None, 0)` when no
+    token is global.
+
+    `G` needs one host read. It is cached per tensor object and its `_version` (a weak reference, so the entry goes
+    away with the tensor): every layer of a model reuses one `is_global` without syncing again, and an in-place
+    edit of the mask invalidates the entry.
+    """
+    if is_global is None:
+        return None, None, 0
+    key = id(is_global)
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None and hit[0]() is is_global and hit[1] == is_global._version:
+        return hit[2]
+    counts = is_global.sum(dim=1, dtype=torch.int32)
+    g = int(counts.max()) if is_global.numel() else 0
+    if g == 0:
+        value = (None, None, 0)
+    else:
+        # A stable sort of "not global" puts each row's globals first, in increasing position.
+        order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]
+        value = (order.to(torch.int32).contiguous(), counts, g)
+    _INDEX_CACHE[key] = (weakref.ref(is_global, lambda _, key=key: _INDEX_CACHE.pop(key, None)), is_global._version,
+                         value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _seed_value(seed: Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("prefix_kernels::fused_attention_fwd", mutates_args=())
+def fused_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_global: Tensor | None,
+    k_global: Tensor | None,
+    v_global: Tensor | None,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_global: Tensor | None,
+    seed: Tensor | None,
+    backend: str,
+    window: int,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """`out (B, N, H, D)` in `q.dtype` and the backend's `lse (B, H, N)` fp32. `seed` is a CPU int64 scalar tensor
+    (drawn from torch's generator by the caller) or `None` without dropout."""
+    gidx, gcnt, gmax = global_index(is_global)
+    if gmax == 0:
+        q_global = k_global = v_global = None
+    return _backend(backend).forward(
+        q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, gidx, gcnt,
+        window=window, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed), max_global=gmax,
+    )
+
+
+@fused_attention_fwd.register_fake
+def _fused_attention_fwd_fake(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask,
+                              is_global, seed, backend, window, scale, dropout_p):
+    b, n, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+_GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
+
+
+@torch.library.custom_op("prefix_kernels::fused_attention_bwd", mutates_args=())
+def fused_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_global: Tensor | None,
+    k_global: Tensor | None,
+    v_global: Tensor | None,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_global: Tensor | None,
+    seed: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    backend: str,
+    window: int,
+    scale: float,
+    dropout_p: float,
+) -> list[Tensor]:
+    """Gradients of the eight inputs `q, k, v, q_global, k_global, v_global, prefix_k, prefix_v`, each
+    `(B, N or P, H, D)` contiguous in `q.dtype`; an input that is `None` gets an empty placeholder (custom ops
+    cannot return `None`)."""
+    gidx, gcnt, gmax = global_index(is_global)
+    inputs = (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v)
+    proj = (q_global, k_global, v_global)
+    if gmax == 0:
+        q_global = k_global = v_global = None
+    grads = list(_backend(backend).backward(
+        grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, gidx, gcnt, out, lse,
+        window=window, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed), max_global=gmax,
+    ))
+    if gmax == 0:
+        # No token is global: the global projections do not touch the output.
+        grads[3:6] = [None if t is None else torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in proj]
+    return [g if g is not None else x.new_empty(0) if x is not None else q.new_empty(0)
+            for g, x in zip(grads, inputs, strict=True)]
+
+
+@fused_attention_bwd.register_fake
+def _fused_attention_bwd_fake(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v,
+                              key_padding_mask, is_global, seed, out, lse, backend, window, scale, dropout_p):
+    inputs = (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v)
+    return [q.new_empty(0) if x is None else x.new_empty(x.shape) for x in inputs]
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, is_global, seed, backend, window,
+     scale, dropout_p) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, is_global,
+                          seed, out, lse)
+    ctx.params = (backend, window, scale, dropout_p)
+    ctx.present = tuple(t is not None for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+
+
+def _backward(ctx, grad_out, grad_lse):
+    saved = ctx.saved_tensors
+    grads = fused_attention_bwd(grad_out, *saved, *ctx.params)
+    grads = [g if present else None for g, present in zip(grads, ctx.present, strict=True)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(args: AttentionArgs, backend: str) -> Tensor:
+    """`(B, N, H, D)` attention through the fused custom op of `backend` ("triton" or "cuda")."""
+    seed = None
+    if args.dropout_p > 0:
+        # Drawn from torch's default CPU generator so torch.utils.checkpoint's RNG restore replays it; the range
+        # keeps the value a 64-bit integer (never re-specialized by the kernel compilers).
+        seed = torch.randint(2**31, 2**62, (), dtype=torch.int64)
+    out, _ = fused_attention_fwd(
+        args.q, args.k, args.v, args.q_global, args.k_global, args.v_global, args.prefix_k, args.prefix_v,
+        args.key_padding_mask, args.is_global, seed, backend, args.window, args.softmax_scale, args.dropout_p,
+    )
+    return out

@@ -1,0 +1,294 @@
+"""Triton backend on the CPU through Triton's interpreter (`TRITON_INTERPRET=1`, set by `conftest.py` when there is
+no CUDA device): output and all eight gradients against `reference.dense_attention`, dropout, the custom ops under
+`torch.compile`, and dispatch.
+
+The interpreter runs the kernels with `BLOCK_M=32, BLOCK_N=16` (forward), `16 x 32` (backward) and key chunks of
+32 for the global rows, so sequences of 33-100 tokens cross every kind of tile edge and use several chunks. Outputs
+and gradients are NaN-poisoned before the kernels run (`POISON_OUTPUTS`), so anything never written fails.
+bf16 is not tested here (the interpreter computes it wrongly); `test_gpu.py` covers it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prefix_kernels as pk
+from prefix_kernels import fused, triton_attention
+from prefix_kernels.attention import select_backend
+from prefix_kernels.checks import check_inputs
+from prefix_kernels.reference import dense_attention
+
+pytestmark = pytest.mark.skipif(
+    not triton_attention.INTERPRET, reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1 (test_gpu.py "
+    "runs them compiled on a GPU)"
+)
+
+GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(triton_attention, "POISON_OUTPUTS", True)
+
+
+def make_case(b, n, h, d, *, globals_=None, pad=None, prefix=0, batch_prefix=False, strided=False, seed=0):
+    """Inputs as float64 (cast by the caller). `globals_` / `pad`: `{row: positions}`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    t = {}
+    for name in GRAD_NAMES[:6]:
+        # `strided`: (B, H, N, D) storage seen as (B, N, H, D), as a head-major projection would give.
+        t[name] = rnd(b, h, n, d).transpose(1, 2) if strided else rnd(b, n, h, d)
+    if prefix:
+        shape = (b, prefix, h, d) if batch_prefix else (prefix, h, d)
+        t["prefix_k"], t["prefix_v"] = rnd(*shape), rnd(*shape)
+    masks = {}
+    if globals_ is not None:
+        masks["is_global"] = torch.zeros(b, n, dtype=torch.bool)
+        for row, pos in globals_.items():
+            masks["is_global"][row, pos] = True
+    else:
+        for name in GRAD_NAMES[3:6]:
+            del t[name]
+    if pad is not None:
+        masks["key_padding_mask"] = torch.zeros(b, n, dtype=torch.bool)
+        for row, pos in pad.items():
+            masks["key_padding_mask"][row, pos] = True
+    return t, masks
+
+
+CASES = {
+    # band only, N not a multiple of any tile
+    "band": dict(b=2, n=45, h=2, d=16),
+    # globals inside/outside the windows, adjacent (7, 8), first and last token; a row without globals but with
+    # padding; a row with 20 globals (> BLOCK_G = 16) and leading padding; shared prefix (batch stride 0)
+    "mixed": dict(b=3, n=70, h=2, d=32, prefix=3,
+                  globals_={0: [0, 7, 8, 40, 69], 2: list(range(5, 65, 3))},
+                  pad={1: list(range(60, 70)), 2: [0, 1, 2, 3, 4]}),
+    # per-batch prefix, a global token in one row only
+    "prefix_batched": dict(b=2, n=37, h=1, d=16, prefix=5, batch_prefix=True, globals_={0: [36]}),
+    # a row that is all padding: no query has any admissible key there (output 0, finite gradients)
+    "empty_row": dict(b=2, n=20, h=2, d=16, globals_={0: [3]}, pad={1: list(range(20))}),
+    # non-contiguous (B, H, N, D)-major inputs
+    "strided": dict(b=1, n=33, h=2, d=16, strided=True, globals_={0: [16]}, pad={0: [31, 32]}),
+}
+WINDOWS = {"band": (0, 1, 16, 50), "mixed": (5, 33), "prefix_batched": (4,), "empty_row": (3,), "strided": (7,)}
+PARAMS = [(name, w) for name, ws in WINDOWS.items() for w in ws]
+
+
+def run(t, masks, window, backend, dtype, grad_out, **kw):
+    """Output and the gradients of every input tensor (None for absent ones)."""
+    leaves = {k: x.detach().to(dtype).requires_grad_() for k, x in t.items()}
+    if backend == "dense":
+        out = dense_attention(**leaves, **masks, window=window, **kw)
+    else:
+        out = pk.longformer_attention(**leaves, **masks, window=window, backend=backend, **kw)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    named = dict(zip(leaves, grads, strict=True))
+    return out, [named.get(name) for name in GRAD_NAMES]
+
+
+def grad_out_like(t, seed=1):
+    return torch.randn(t["q"].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,window", PARAMS)
+def test_fp32_matches_dense_reference(name, window):
+    t, masks = make_case(**CASES[name])
+    go = grad_out_like(t)
+    out, grads = run(t, masks, window, "triton", torch.float32, go)
+    ref, ref_grads = run(t, masks, window, "dense", torch.float64, go)
+    assert out.dtype == torch.float32 and out.shape == t["q"].shape
+    # IEEE fp32 dots: the error is fp32 rounding of O(1) values, relative to the magnitude of each tensor.
+    for label, a, r in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
+        assert (a is None) == (r is None), label
+        if a is None:
+            continue
+        assert torch.isfinite(a).all(), label
+        err = (a.double() - r).abs().max().item()
+        assert err <= 2e-5 * max(1.0, r.abs().max().item()), (label, err)
+    pad = masks.get("key_padding_mask")
+    if pad is not None:
+        assert (out[pad] == 0).all()
+        for g in grads[:6]:
+            if g is not None:
+                assert (g[pad] == 0).all()  # padding queries and keys get no gradient
+
+
+@pytest.mark.parametrize("name,window", [("band", 16), ("mixed", 5), ("empty_row", 3)])
+def test_fp16_error_within_twice_pytorch_fp16(name, window):
+    """Error vs fp64 at most 2x that of the same computation in PyTorch on the fp16 inputs (fp32 softmax, fp16
+    results and gradients), plus a few fp16 ulps."""
+    t, masks = make_case(**CASES[name])
+    t = {k: x.to(torch.float16).double() for k, x in t.items()}  # exactly representable in fp16
+    go = grad_out_like(t).to(torch.float16).double()
+    out, grads = run(t, masks, window, "triton", torch.float16, go)
+    base, base_grads = run(t, masks, window, "dense", torch.float16, go)
+    ref, ref_grads = run(t, masks, window, "dense", torch.float64, go)
+    assert out.dtype == torch.float16
+    for label, a, b, r in [("out", out, base, ref), *zip(GRAD_NAMES, grads, base_grads, ref_grads, strict=True)]:
+        if r is None:
+            continue
+        assert torch.isfinite(a).all(), label
+        err = (a.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        assert err <= 2 * base_err + 2e-3 * max(1.0, r.abs().max().item()), (label, err, base_err)
+
+
+def test_padding_only_row_is_zero_and_finite_in_fp16():
+    t, masks = make_case(**CASES["empty_row"])
+    out, grads = run(t, masks, 3, "triton", torch.float16, grad_out_like(t))
+    assert (out[1] == 0).all() and torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() and (g[1] == 0).all() for g in grads if g is not None)
+
+
+def _dropout_case():
+    return make_case(b=1, n=64, h=2, d=16, prefix=2, globals_={0: [0, 30]}, pad={0: [63]})
+
+
+def _call(t, masks, dropout_p, seed=None, window=6):
+    if seed is not None:
+        torch.manual_seed(seed)
+    x = {k: v.float() for k, v in t.items()}
+    return pk.longformer_attention(**x, **masks, window=window, dropout_p=dropout_p, backend="triton")
+
+
+def test_dropout_zero_is_no_dropout_and_seeded_masks_are_deterministic():
+    t, masks = _dropout_case()
+    torch.testing.assert_close(_call(t, masks, 0.0), _call(t, masks, 0.0, seed=5), rtol=0, atol=0)
+    no_drop = _call(t, masks, 0.0)
+    a, b, c = _call(t, masks, 0.3, seed=1), _call(t, masks, 0.3, seed=1), _call(t, masks, 0.3, seed=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, no_drop)
+
+
+def test_dropout_preserves_expectation():
+    """With `v = 1` every row's undropped output is 1; dropout keeps its mean over many rows."""
+    t, masks = _dropout_case()
+    t["v"] = torch.ones_like(t["v"])
+    t["v_global"] = torch.ones_like(t["v_global"])
+    t["prefix_v"] = torch.ones_like(t["prefix_v"])
+    live = ~masks["key_padding_mask"][0]
+    means = [_call(t, masks, 0.5, seed=s)[0, live].mean().item() for s in range(3)]
+    assert all(abs(m - 1.0) < 0.15 for m in means), means
+    assert len(set(means)) == 3
+
+
+def test_dropout_backward_replays_the_forward_mask():
+    """With a fixed seed the output is a smooth function of the inputs: the backward (which regenerates the mask)
+    must match a central finite difference along a random direction of all eight inputs."""
+    t, masks = _dropout_case()
+    x = {k: v.float().requires_grad_() for k, v in t.items()}
+    gen = torch.Generator().manual_seed(3)
+    direction = {k: torch.randn(v.shape, generator=gen) for k, v in x.items()}
+    go = torch.randn(x["q"].shape, generator=gen)
+    torch.manual_seed(11)
+    out = pk.longformer_attention(**x, **masks, window=6, dropout_p=0.4, backend="triton")
+    grads = torch.autograd.grad(out, list(x.values()), go)
+    analytic = sum((g * direction[k]).sum() for k, g in zip(x, grads, strict=True)).item()
+
+    def f(eps):
+        shifted = {k: (v.detach() + eps * direction[k]).double().float() for k, v in x.items()}
+        return (_call(shifted, masks, 0.4, seed=11).double() * go.double()).sum().item()
+
+    eps = 1e-2
+    numeric = (f(eps) - f(-eps)) / (2 * eps)
+    assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+    # And the mask differs from another seed's: the check above is not vacuous.
+    torch.manual_seed(12)
+    assert not torch.equal(out, pk.longformer_attention(**x, **masks, window=6, dropout_p=0.4, backend="triton"))
+
+
+def test_dropout_under_gradient_checkpointing():
+    t, masks = _dropout_case()
+
+    def grads(checkpointed):
+        x = {k: v.float().requires_grad_() for k, v in t.items()}
+
+        def fn(*tensors):
+            kw = dict(zip(x, tensors, strict=True))
+            return pk.longformer_attention(**kw, **masks, window=6, dropout_p=0.3, backend="triton")
+
+        torch.manual_seed(21)
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(fn, *x.values(), use_reentrant=False)
+        else:
+            out = fn(*x.values())
+        return [out, *torch.autograd.grad(out.square().sum(), list(x.values()))]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    t, masks = make_case(**CASES["mixed"])
+    x = {k: v.float() for k, v in t.items()}
+
+    def fn(q, k, v, q_global):
+        kw = {**x, "q": q, "k": k, "v": v, "q_global": q_global}
+        return pk.longformer_attention(**kw, **masks, window=5, backend="triton")
+
+    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "q_global")]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    c_out = compiled(*leaves)
+    c_grads = torch.autograd.grad(c_out.sum(), leaves)
+    torch.testing.assert_close(c_out, out, rtol=0, atol=0)
+    for a, b in zip(c_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_custom_op_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the forward op (whose
+    autograd calls the backward op), on the normalized arguments `fused_attention` passes (expanded prefix)."""
+    t, masks = make_case(b=2, n=20, h=1, d=16, prefix=2, globals_={0: [4]}, pad={1: [18, 19]})
+    a = check_inputs(**{k: v.float().requires_grad_() for k, v in t.items()}, **masks, window=3)
+    args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, a.key_padding_mask,
+            a.is_global, None, "triton", a.window, a.softmax_scale, 0.0)
+    torch.library.opcheck(fused.fused_attention_fwd, args)
+
+
+def test_global_index_is_cached_per_tensor_and_version():
+    is_global = torch.zeros(2, 10, dtype=torch.bool)
+    is_global[0, [2, 5]] = True
+    is_global[1, 7] = True
+    idx, count, g = fused.global_index(is_global)
+    assert g == 2 and idx.dtype == torch.int32 and idx.is_contiguous()
+    assert idx[0].tolist() == [2, 5] and idx[1, 0].item() == 7 and count.tolist() == [2, 1]
+    assert fused.global_index(is_global)[0] is idx  # no recomputation, no host read
+    is_global[1, 9] = True  # in place: bumps _version
+    idx2, count2, _ = fused.global_index(is_global)
+    assert idx2 is not idx and idx2[1].tolist() == [7, 9] and count2.tolist() == [2, 2]
+    assert fused.global_index(torch.zeros(2, 10, dtype=torch.bool)) == (None, None, 0)
+
+
+def test_no_global_token_with_projections_gives_zero_projection_gradients():
+    t, _ = make_case(b=1, n=24, h=1, d=16, globals_={})
+    masks = {"is_global": torch.zeros(1, 24, dtype=torch.bool)}
+    out, grads = run(t, masks, 4, "triton", torch.float32, grad_out_like(t))
+    ref, ref_grads = run(t, masks, 4, "dense", torch.float64, grad_out_like(t))
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert all((g == 0).all() for g in grads[3:6])
+
+
+def test_dispatch_under_the_interpreter():
+    assert pk.available_backends()["triton"] is None
+    t, masks = make_case(b=1, n=16, h=1, d=16)
+    x = {k: v.float() for k, v in t.items()}
+    if pk.available_backends()["cuda"] is not None:
+        assert select_backend(check_inputs(**x, window=2)) == "triton"
+    out = pk.longformer_attention(**x, window=2, backend="triton")
+    torch.testing.assert_close(out, pk.longformer_attention(**x, window=2, backend="reference"), rtol=1e-5,
+                               atol=1e-6)
+    for dtype, why in ((torch.bfloat16, "interpreter"), (torch.float64, "reference backend only")):
+        y = {k: v.to(dtype) for k, v in t.items()}
+        assert triton_attention.cannot_serve(check_inputs(**y, window=2)) is not None
+        with pytest.raises(ValueError, match=why):
+            pk.longformer_attention(**y, window=2, backend="triton")
+    assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
