@@ -12,10 +12,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "patch_longformer": "patching",
     "unpatch_longformer": "patching",
+    "patch_longformer_classes": "patching",
+    "unpatch_longformer_classes": "patching",
+    "is_patched": "patching",
     "apply_prefix_propagation": "prefix",
     "apply_prefix_tuning": "prefix",
     "save_prefix": "prefix",
     "load_prefix": "prefix",
+    "PrefixPropagation": "prefix",
+    "PrefixTuning": "prefix",
 }
 
 __all__ = ["longformer_attention", "available_backends", *_LAZY]

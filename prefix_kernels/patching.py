@@ -1,0 +1,253 @@
+"""Hugging Face glue: make `LongformerSelfAttention` and `LEDEncoderSelfAttention` compute through
+`longformer_attention`, without adding, renaming or moving a single parameter.
+
+Two ways in:
+
+* `patch_longformer(model, backend)` patches the instances of an existing model: each attention module's class
+  is swapped for a subclass whose `forward` calls the fused op. Parameters, buffers, module names and state-dict
+  keys stay what they were, so checkpoints, `Trainer`, DDP and `save_pretrained` see no difference.
+  `unpatch_longformer(model)` swaps the original classes back.
+* `patch_longformer_classes(backend)` makes every model built afterwards (e.g. by `from_pretrained`) come out
+  patched, until `unpatch_longformer_classes()`; it also works as a context manager.
+
+The patched `forward` accepts both call conventions: transformers 4.x passes `layer_head_mask` (each head's
+probabilities are multiplied by it, i.e. each head's output row is scaled), 5.x does not; LED calls with
+`hidden_states=` by keyword. `output_attentions=True` needs HF's probability layouts, so that call runs the
+original HF forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .attention import BACKEND_ORDER, longformer_attention
+
+__all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
+
+# Where the HF self-attention classes live, and which module-level name each model's `__init__` looks up.
+_HF_LOCATIONS = (
+    ("transformers.models.longformer.modeling_longformer", "LongformerSelfAttention"),
+    ("transformers.models.led.modeling_led", "LEDEncoderSelfAttention"),
+)
+_ORIGINALS: dict[str, type] = {}  # "module:name" -> the HF class, recorded before any class patch
+_PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its fused subclass
+
+
+def _hf_classes() -> dict[str, type]:
+    """The original HF self-attention classes by location, importing only those the installed version has."""
+    import importlib
+
+    for module_name, name in _HF_LOCATIONS:
+        key = f"{module_name}:{name}"
+        if key in _ORIGINALS:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, name)
+        _ORIGINALS[key] = getattr(cls, "_hf_class", cls)
+    return dict(_ORIGINALS)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in ("auto", *BACKEND_ORDER):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_ORDER))}; got {backend!r}")
+    return backend
+
+
+class _FusedSelfAttention:
+    """Mixin placed in front of an HF self-attention class; `super().forward` is the original HF forward.
+
+    Instance attributes (plain, never parameters or buffers):
+    `_prefix_kernels_backend` (str) and `_prefix_kernels_prefix` (an object whose `key_values(like)` returns
+    this layer's prefix-tuning keys/values `(P, H, D)` in `like`'s dtype; set by `apply_prefix_tuning`).
+    """
+
+    _hf_class: type
+    _hf_arg_names: tuple[str, ...]  # the original forward's parameter names, for binding positional args
+    _class_backend = "auto"  # the backend of instances built while the classes are patched
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._prefix_kernels_backend = type(self)._class_backend
+
+    def forward(self, *args, **kwargs):
+        call = dict(zip(self._hf_arg_names, args, strict=False))
+        call.update(kwargs)
+        prefix = getattr(self, "_prefix_kernels_prefix", None)
+        if call.get("output_attentions"):
+            if prefix is not None:
+                raise ValueError(
+                    "output_attentions=True is not supported with prefix-tuning: HF's attention layout has no "
+                    "place for the prefix keys"
+                )
+            return super().forward(*args, **kwargs)
+        return (fused_self_attention(self, **call),)
+
+
+def fused_self_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    layer_head_mask: torch.Tensor | None = None,
+    is_index_masked: torch.Tensor | None = None,
+    is_index_global_attn: torch.Tensor | None = None,
+    is_global_attn: bool | None = None,
+    output_attentions: bool = False,
+    **unused,
+) -> torch.Tensor:
+    """What an HF Longformer/LED-encoder self-attention computes, through `longformer_attention`.
+
+    Args:
+        module: the HF self-attention module (its Linear layers, `num_heads`, `head_dim`,
+            `one_sided_attn_window_size`, `dropout` are used).
+        hidden_states: `(B, N, C)`.
+        attention_mask: HF's float `(B, N)` mask: negative = padding, 0 = local, positive = global; only read
+            when `is_index_masked` / `is_index_global_attn` are not given.
+        layer_head_mask: `(H,)` (transformers 4.x) or None.
+        is_index_masked, is_index_global_attn: `(B, N)` bool, passed to the op unchanged (HF builds them once
+            per forward pass and hands every layer the same tensors, which lets a backend cache per mask).
+        is_global_attn: HF's batch-wide flag; False skips the global projections. None (unknown) computes them.
+
+    Returns:
+        `(B, N, C)` in the dtype of the projections.
+    """
+    b, n, c = hidden_states.shape
+    h, d = module.num_heads, module.head_dim
+    if is_index_masked is None and attention_mask is not None:
+        is_index_masked = attention_mask < 0
+    if is_index_global_attn is None and attention_mask is not None:
+        is_index_global_attn = attention_mask > 0
+    if is_global_attn is None:
+        is_global_attn = is_index_global_attn is not None
+
+    def heads(linear: nn.Module) -> torch.Tensor:
+        return linear(hidden_states).view(b, n, h, d)
+
+    q, k, v = heads(module.query), heads(module.key), heads(module.value)
+    qg = kg = vg = None
+    glob = None
+    if is_global_attn and is_index_global_attn is not None:
+        qg, kg, vg = heads(module.query_global), heads(module.key_global), heads(module.value_global)
+        glob = is_index_global_attn
+    prefix_k = prefix_v = None
+    prefix = getattr(module, "_prefix_kernels_prefix", None)
+    if prefix is not None:
+        prefix_k, prefix_v = prefix.key_values(q)
+    out = longformer_attention(
+        q,
+        k,
+        v,
+        window=int(module.one_sided_attn_window_size),
+        is_global=glob,
+        key_padding_mask=is_index_masked,
+        q_global=qg,
+        k_global=kg,
+        v_global=vg,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        softmax_scale=d**-0.5,
+        dropout_p=float(module.dropout) if module.training else 0.0,
+        backend=getattr(module, "_prefix_kernels_backend", "auto"),
+    )
+    if layer_head_mask is not None:
+        # HF multiplies both probability matrices by the head's weight, which scales that head's output.
+        out = out * layer_head_mask.to(out.dtype).view(1, 1, h, 1)
+    return out.reshape(b, n, c)
+
+
+def _fused_class(cls: type) -> type:
+    """The fused subclass of an HF self-attention class (one per class, reused)."""
+    cls = getattr(cls, "_hf_class", cls)
+    if cls not in _PATCHED:
+        names = tuple(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
+        qualname = f"Fused{cls.__name__}"
+        patched = type(
+            cls.__name__,  # same name: accelerate's `no_split_modules` and HF's module lists match by name
+            (_FusedSelfAttention, cls),
+            {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname},
+        )
+        globals()[qualname] = patched  # picklable by its qualified name
+        _PATCHED[cls] = patched
+    return _PATCHED[cls]
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    targets = tuple(_hf_classes().values())
+    return [m for m in model.modules() if isinstance(m, targets)]
+
+
+def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make every Longformer / LED-encoder self-attention in `model` compute with `longformer_attention`.
+
+    In place; parameters, buffers and state-dict keys are unchanged. Patching a patched model only changes
+    the backend. `backend`: "auto" | "cuda" | "triton" | "reference" (env `PREFIX_KERNELS_BACKEND` overrides
+    per call). Returns `model`.
+    """
+    _check_backend(backend)
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LongformerSelfAttention or LEDEncoderSelfAttention")
+    for module in modules:
+        if not isinstance(module, _FusedSelfAttention):
+            module.__class__ = _fused_class(type(module))
+        module._prefix_kernels_backend = backend
+    return model
+
+
+def unpatch_longformer(model: nn.Module) -> nn.Module:
+    """Restore HF's own attention in every patched module of `model` (instance- or class-patched). Returns it."""
+    for module in model.modules():
+        if not isinstance(module, _FusedSelfAttention):
+            continue
+        if getattr(module, "_prefix_kernels_prefix", None) is not None:
+            raise ValueError("this model uses prefix-tuning, which HF's attention cannot compute; keep it patched")
+        module.__class__ = type(module)._hf_class
+        module.__dict__.pop("_prefix_kernels_backend", None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether any self-attention of `model` computes through `longformer_attention`."""
+    return any(isinstance(m, _FusedSelfAttention) for m in model.modules())
+
+
+class _ClassPatch:
+    """Returned by `patch_longformer_classes`; `with` undoes the patch on exit."""
+
+    def __enter__(self) -> _ClassPatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        unpatch_longformer_classes()
+
+
+def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
+    """Models built from now on (`from_pretrained`, `from_config`, constructors) come out patched.
+
+    The modeling modules' `LongformerSelfAttention` / `LEDEncoderSelfAttention` names are pointed at the fused
+    subclasses, which the model constructors look up; models built earlier are not touched. Undo with
+    `unpatch_longformer_classes()`, or use `with patch_longformer_classes(backend): model = ...`.
+    """
+    import importlib
+
+    _check_backend(backend)
+    for key, cls in _hf_classes().items():
+        module_name, name = key.split(":")
+        patched = _fused_class(cls)
+        patched._class_backend = backend
+        setattr(importlib.import_module(module_name), name, patched)
+    return _ClassPatch()
+
+
+def unpatch_longformer_classes() -> None:
+    """Point the modeling modules back at HF's classes (models already built keep what they have)."""
+    import importlib
+
+    for key, cls in _hf_classes().items():
+        module_name, name = key.split(":")
+        setattr(importlib.import_module(module_name), name, cls)

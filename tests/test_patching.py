@@ -1,0 +1,293 @@
+"""`patch_longformer`: patched models compute what Hugging Face computes, with the same parameters.
+
+Every comparison is fp32 against the unpatched model (HF's own eager attention), forward and backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from tiny_models import LED_CLASSES, LONGFORMER_CLASSES, batch, build, enable_checkpointing, main_output, scalar_loss
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
+
+import prefix_kernels as pk  # noqa: E402
+from prefix_kernels.patching import (  # noqa: E402
+    fused_self_attention,
+    is_patched,
+    patch_longformer,
+    patch_longformer_classes,
+    unpatch_longformer,
+    unpatch_longformer_classes,
+)
+
+TOL = 1e-5
+MODELS = [c for c in LONGFORMER_CLASSES if c != "LongformerForMaskedLM"] + ["LEDForConditionalGeneration"]
+
+
+def run(model, inputs, **kwargs):
+    """Forward + backward of a fixed projection; returns the output and the parameter gradients by name."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, **kwargs)
+    scalar_loss(out).backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_grads(got: dict, want: dict, tol: float = TOL) -> None:
+    assert got.keys() == want.keys()
+    compared = 0
+    for name, g in got.items():
+        w = want[name]
+        assert (g is None) == (w is None), name
+        if g is not None:
+            scale = max(1.0, w.abs().max().item())
+            torch.testing.assert_close(g, w, atol=tol * scale, rtol=0, msg=name)
+            compared += 1
+    assert compared > 0
+
+
+def patched_copy(model, backend="reference"):
+    return patch_longformer(copy.deepcopy(model), backend=backend)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_patched_matches_hf_forward_and_backward(name):
+    hf = build(name)
+    ours = patched_copy(hf)
+    assert is_patched(ours) and not is_patched(hf)
+    inputs = batch(name)
+    want, want_grads = run(hf, inputs)
+    got, got_grads = run(ours, inputs)
+    torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
+    assert_same_grads(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("name", ["LongformerModel", "LEDModel"])
+def test_no_globals_and_no_padding(name):
+    hf = build(name)
+    ours = patched_copy(hf)
+    inputs = batch(name)
+    inputs.pop("global_attention_mask")
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    torch.testing.assert_close(main_output(ours(**inputs)), main_output(hf(**inputs)), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["LongformerForSequenceClassification", "LEDForConditionalGeneration"])
+def test_gradient_checkpointing(name):
+    hf = build(name).train()  # dropout probabilities are 0 in the tiny configs
+    ours = patched_copy(hf)
+    enable_checkpointing(ours)
+    inputs = batch(name)
+    want, want_grads = run(hf, inputs)
+    got, got_grads = run(ours, inputs)
+    torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
+    assert_same_grads(got_grads, want_grads)
+
+
+def test_dropout_masks_replay_under_gradient_checkpointing():
+    """With attention dropout on, a checkpointed run recomputes the same masks: same loss, same gradients."""
+    model = patch_longformer(
+        build("LongformerForSequenceClassification", attention_probs_dropout_prob=0.3), "reference"
+    )
+    model.train()
+    inputs = batch("LongformerForSequenceClassification")
+    torch.manual_seed(7)
+    plain, plain_grads = run(model, inputs)
+    enable_checkpointing(model)
+    torch.manual_seed(7)
+    ckpt, ckpt_grads = run(model, inputs)
+    torch.testing.assert_close(ckpt.logits, plain.logits, atol=TOL, rtol=0)
+    assert_same_grads(ckpt_grads, plain_grads)
+    model.eval()
+    assert not torch.equal(model(**inputs).logits, plain.logits)  # dropout was active in training
+
+
+@pytest.mark.parametrize("name", ["LongformerForTokenClassification", "LEDModel"])
+def test_output_attentions_falls_back_to_hf_layouts(name):
+    hf = build(name)
+    ours = patched_copy(hf)
+    inputs = batch(name)
+    kwargs = {"output_attentions": True, "output_hidden_states": True}
+    want, got = hf(**inputs, **kwargs), ours(**inputs, **kwargs)
+    local = "encoder_attentions" if name.startswith("LED") else "attentions"
+    glob = "encoder_global_attentions" if name.startswith("LED") else "global_attentions"
+    for key in (local, glob):
+        assert len(got[key]) == len(want[key]) == 2
+        for g, w in zip(got[key], want[key], strict=True):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+
+
+def test_layer_head_mask_scales_each_head():
+    """transformers 4.x hands the layer `layer_head_mask`; it multiplies each head's probabilities."""
+    hf = build("LongformerModel")
+    attn = hf.encoder.layer[0].attention.self
+    b, n, c = 2, 24, 32
+    x = torch.randn(b, n, c)
+    mask = torch.zeros(b, n)
+    mask[:, 0] = torch.finfo(torch.float32).max
+    mask[1, 18:] = torch.finfo(torch.float32).min
+    hf_kwargs = dict(is_index_masked=mask < 0, is_index_global_attn=mask > 0, is_global_attn=True)
+    with torch.no_grad():
+        (want,) = attn(x, attention_mask=mask, **hf_kwargs)
+        head_mask = torch.tensor([1.0, 0.0, 0.5, 2.0])
+        got = fused_self_attention(attn, x, attention_mask=mask, layer_head_mask=head_mask, **hf_kwargs)
+    want = (want.view(b, n, 4, 8) * head_mask.view(1, 1, 4, 1)).view(b, n, c)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.skipif(
+    "head_mask" not in inspect.signature(transformers.LongformerModel.forward).parameters,
+    reason="this transformers version has no head_mask",
+)
+def test_head_mask_through_the_model():
+    hf = build("LongformerModel")
+    ours = patched_copy(hf)
+    inputs = batch("LongformerModel")
+    head_mask = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 1.0, 0.25]])
+    want = hf(**inputs, head_mask=head_mask).last_hidden_state
+    torch.testing.assert_close(ours(**inputs, head_mask=head_mask).last_hidden_state, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("value", [torch.finfo(torch.float32).max, 10000.0])
+def test_masks_derived_from_the_float_mask(value):
+    """A direct call with only HF's float mask (finfo or the old +-10000) derives padding and globals."""
+    attn = build("LongformerModel").encoder.layer[1].attention.self
+    b, n = 2, 48  # HF's layer needs a multiple of the window
+    x = torch.randn(b, n, 32)
+    mask = torch.zeros(b, n)
+    mask[:, [0, 9]] = value
+    mask[0, 40:] = -value
+    with torch.no_grad():
+        (want,) = attn(
+            x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0, is_global_attn=True
+        )
+        patch_longformer(attn, "reference")
+        (got,) = attn(x, attention_mask=mask)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["LongformerForMultipleChoice", "LEDForConditionalGeneration"])
+def test_state_dict_unchanged_and_strict_reload(name):
+    hf = build(name)
+    keys = list(hf.state_dict())
+    buffers = [n for n, _ in hf.named_buffers()]
+    ours = patched_copy(hf)
+    assert list(ours.state_dict()) == keys
+    assert [n for n, _ in ours.named_buffers()] == buffers
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in hf.named_parameters()]
+    fresh = patch_longformer(build(name, seed=1), "reference")
+    fresh.load_state_dict(hf.state_dict(), strict=True)
+    hf2 = build(name, seed=2)
+    hf2.load_state_dict(ours.state_dict(), strict=True)
+    inputs = batch(name)
+    torch.testing.assert_close(main_output(fresh(**inputs)), main_output(hf(**inputs)), atol=TOL, rtol=0)
+
+
+def test_unpatch_restores_hf():
+    hf = build("LongformerForQuestionAnswering")
+    ours = patched_copy(hf)
+    unpatch_longformer(ours)
+    assert not is_patched(ours)
+    assert all(type(m) is LongformerSelfAttention for m in ours.modules() if isinstance(m, LongformerSelfAttention))
+    assert all("_prefix_kernels_backend" not in vars(m) for m in ours.modules())
+    inputs = batch("LongformerForQuestionAnswering")
+    torch.testing.assert_close(ours(**inputs).start_logits, hf(**inputs).start_logits, atol=0, rtol=0)
+
+
+def test_class_patch_and_pretrained_round_trip(tmp_path):
+    hf = build("LongformerForSequenceClassification")
+    patch_longformer(copy.deepcopy(hf), "reference").save_pretrained(tmp_path)
+    cls = transformers.LongformerForSequenceClassification
+    try:
+        with patch_longformer_classes("reference"):
+            loaded = cls.from_pretrained(tmp_path).eval()
+        plain = cls.from_pretrained(tmp_path).eval()
+    finally:
+        unpatch_longformer_classes()
+    assert is_patched(loaded) and not is_patched(plain)
+    assert {m._prefix_kernels_backend for m in loaded.modules() if hasattr(m, "_prefix_kernels_backend")} == {
+        "reference"
+    }
+    inputs = batch("LongformerForSequenceClassification")
+    torch.testing.assert_close(loaded(**inputs).logits, hf(**inputs).logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(plain(**inputs).logits, hf(**inputs).logits, atol=0, rtol=0)
+
+
+def test_pickle_and_deepcopy(tmp_path):
+    ours = patched_copy(build("LEDModel"))
+    torch.save(ours, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert is_patched(loaded)
+    inputs = batch("LEDModel")
+    torch.testing.assert_close(loaded(**inputs).last_hidden_state, ours(**inputs).last_hidden_state, atol=0, rtol=0)
+
+
+def test_torch_compile():
+    # One layer: dynamo's time goes into HF's own graph breaks (`.item()`, logging), per layer.
+    hf = build("LongformerForSequenceClassification", num_hidden_layers=1, attention_window=8)
+    ours = patched_copy(hf)
+    compiled = torch.compile(ours, backend="eager")
+    inputs = batch("LongformerForSequenceClassification")
+    want, want_grads = run(hf, inputs)
+    got, got_grads = run(compiled, inputs)
+    torch.testing.assert_close(got.logits, want.logits, atol=TOL, rtol=0)
+    assert_same_grads({k.removeprefix("_orig_mod."): v for k, v in got_grads.items()}, want_grads)
+
+
+def test_ddp_single_process(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        hf = build("LongformerForSequenceClassification")
+        ddp = torch.nn.parallel.DistributedDataParallel(patched_copy(hf))
+        inputs = batch("LongformerForSequenceClassification")
+        want, want_grads = run(hf, inputs)
+        for _ in range(2):  # the second step checks DDP's reducer saw every parameter used
+            got, got_grads = run(ddp, inputs)
+        torch.testing.assert_close(got.logits, want.logits, atol=TOL, rtol=0)
+        assert_same_grads({k.removeprefix("module."): v for k, v in got_grads.items()}, want_grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_explicit_backend_that_cannot_serve_raises():
+    """Dispatch: an explicit backend fails loudly; a bad name fails at patch time."""
+    with pytest.raises(ValueError, match="backend"):
+        patch_longformer(build("LongformerModel"), backend="nope")
+    reasons = pk.available_backends()
+    missing = [name for name, why in reasons.items() if why is not None]
+    if not missing:
+        pytest.skip("every backend is available here")
+    model = patch_longformer(build("LongformerModel"), backend=missing[0])
+    with pytest.raises(ValueError, match=missing[0]):
+        model(**batch("LongformerModel"))
+
+
+def test_auto_backend_runs_and_env_override(monkeypatch):
+    hf = build("LongformerModel")
+    ours = patched_copy(hf, backend="auto")
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "reference")
+    inputs = batch("LongformerModel")
+    torch.testing.assert_close(ours(**inputs).last_hidden_state, hf(**inputs).last_hidden_state, atol=TOL, rtol=0)
+
+
+def test_patch_rejects_other_models():
+    with pytest.raises(ValueError, match="no LongformerSelfAttention"):
+        patch_longformer(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("name", LED_CLASSES[:1] + LONGFORMER_CLASSES[-1:])
+def test_patch_twice_changes_backend_only(name):
+    ours = patched_copy(build(name))
+    classes = [type(m) for m in ours.modules()]
+    patch_longformer(ours, backend="auto")
+    assert [type(m) for m in ours.modules()] == classes
+    assert {m._prefix_kernels_backend for m in ours.modules() if hasattr(m, "_prefix_kernels_backend")} == {"auto"}
