@@ -19,6 +19,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent
 LIB_NAME = "libprefix_kernels_cuda.so"
@@ -98,4 +99,11 @@ class BuildPyWithCuda(build_py):
                 pass
 
 
-setup(cmdclass={"build_py": BuildPyWithCuda})
+class PlatformDistribution(Distribution):
+    """The wheel may carry a compiled library: tag it for this platform, not `py3-none-any`."""
+
+    def has_ext_modules(self):
+        return True
+
+
+setup(cmdclass={"build_py": BuildPyWithCuda}, distclass=PlatformDistribution)
