@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .checks import AttentionArgs
+from .reference import global_positions
 
 _BACKEND_MODULES = {"triton": "prefix_kernels.triton_attention", "cuda": "prefix_kernels.cuda_attention"}
 
@@ -65,14 +66,8 @@ def global_index(is_global: Tensor | None) -> tuple[Tensor | None, Tensor | None
     hit = _INDEX_CACHE.get(key)
     if hit is not None and hit[0]() is is_global and hit[1] == is_global._version:
         return hit[2]
-    counts = is_global.sum(dim=1, dtype=torch.int32)
-    g = int(counts.max()) if is_global.numel() else 0
-    if g == 0:
-        value = (None, None, 0)
-    else:
-        # A stable sort of "not global" puts each row's globals first, in increasing position.
-        order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]
-        value = (order.to(torch.int32).contiguous(), counts, g)
+    order, counts, g = global_positions(is_global)
+    value = (None, None, 0) if g == 0 else (order.to(torch.int32).contiguous(), counts, g)
     _INDEX_CACHE[key] = (weakref.ref(is_global, lambda _, key=key: _INDEX_CACHE.pop(key, None)), is_global._version,
                          value)
     return value

@@ -67,16 +67,16 @@ def _bhnd(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.transpose(1, 2).to(dtype)
 
 
-def global_positions(is_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact global index: `(B, G)` positions (increasing; tail entries arbitrary) and `(B, G)` validity.
+def global_positions(is_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Compact global index: `(B, G)` int64 positions (increasing; entries past a row's count are arbitrary),
+    `(B,)` int32 counts, and `G`, the largest count (one host read). Shared by the reference and the fused ops.
 
-    `G` is the largest per-row count (one host read). A stable sort puts each row's globals first, in order.
+    A stable sort of "not global" puts each row's globals first, in increasing position.
     """
-    counts = is_global.sum(dim=1)
+    counts = is_global.sum(dim=1, dtype=torch.int32)
     g = int(counts.max()) if is_global.numel() else 0
     order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]
-    valid = torch.arange(g, device=is_global.device)[None, :] < counts[:, None]
-    return order, valid
+    return order, counts, g
 
 
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,8 @@ def chunked_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tenso
     idx = valid = None
     if a.is_global is not None:
         key_ok &= ~a.is_global
-        idx, valid = global_positions(a.is_global)
+        idx, counts, g = global_positions(a.is_global)
+        valid = torch.arange(g, device=dev)[None, :] < counts[:, None]
         k_glob, v_glob = _gather_rows(k, idx), _gather_rows(v, idx)
     pk = _bhnd(a.prefix_k, cdt)
     pv = _bhnd(a.prefix_v, cdt)

@@ -43,10 +43,9 @@ def _case(b, n, h, d, *, window, n_global, pad_max, prefix, dtype, seed=0):
 
 def _launcher_args(t, is_global, pad):
     if is_global.any():
-        idx, _ = global_positions(is_global)
-        count = is_global.sum(1).to(torch.int32)
+        idx, count, max_global = global_positions(is_global)
         gl = {"q_global": t["q_global"], "k_global": t["k_global"], "v_global": t["v_global"]}
-        gidx, max_global = idx.to(torch.int32), idx.shape[1]
+        gidx = idx.to(torch.int32)
     else:
         gl = {"q_global": None, "k_global": None, "v_global": None}
         gidx = count = None
