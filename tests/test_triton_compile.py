@@ -1,0 +1,51 @@
+"""The Triton kernels go through Triton's real compiler for sm_90 and sm_80, down to a cubin, on any machine.
+
+The interpreter tests check what the kernels compute but never run the compiler, which rejects things the
+interpreter accepts (types, layouts, shared memory beyond the device's). `benchmarks/kernel_resources.py` runs the
+real launchers with the GPU tile configuration and compiles every launch for a named architecture without a GPU;
+it runs in a subprocess because `TRITON_INTERPRET`, set for this process by `conftest.py`, is read when `triton`
+is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+KERNELS = {"_local_rows_fwd_kernel", "_global_rows_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel",
+           "_local_rows_bwd_dq_kernel", "_band_keys_bwd_dkdv_kernel", "_global_keys_bwd_kernel",
+           "_global_rows_bwd_kernel", "_scatter_global_rows_kernel"}
+# Shared memory per block on the target (opt-in maximum): a kernel above it compiles but cannot launch.
+MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@pytest.mark.parametrize("arch, dtype, head_dim, dropout", [
+    (90, "bfloat16", 64, 0.0),  # the headline configuration
+    (90, "float16", 128, 0.1),
+    (80, "float32", 32, 0.1),
+])
+def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout):
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile now, not from an earlier run's cache
+    r = subprocess.run([sys.executable, str(TOOL), "--arch", str(arch), "--dtype", dtype, "--head-dim",
+                        str(head_dim), "--dropout", str(dropout), "--json", str(out)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode == 2:
+        pytest.skip(r.stderr.strip())
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())
+    assert {row["kernel"] for row in rows} == KERNELS
+    for row in rows:
+        assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype, head_dim)
+        assert 0 < row["regs"] <= 255, row
+        assert row["shared"] <= MAX_SHARED[arch], row
