@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Under the interpreter `_config` picks small tiles (fast on a CPU, many tile edges in short tests); tests clear
+# this to run the GPU tile configurations through the interpreter too.
+SMALL_TILES = INTERPRET
 LOG2E = 1.4426950408889634
 # Set (or env PREFIX_KERNELS_POISON=1) to NaN-fill every output before the kernels run: tests catch elements
 # that no kernel writes.
@@ -785,19 +788,26 @@ def _unit_d(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _config(head_dim: int, n: int, num_global: int) -> dict:
+def _config(head_dim: int, n: int, num_global: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = min(64, max(16, triton.next_power_of_2(max(num_global, 1))))
-    if INTERPRET:
+    if SMALL_TILES:
         # Small, unequal tiles: cheap on the CPU and they make short test sequences cross many tile edges.
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
                     num_warps=4, num_stages=1)
+    chunks = dict(CHUNK=1024 if n > 4096 else 512, Q_CHUNK=1024 if n > 4096 else 512)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units, whose operand layouts need far more registers than tensor-core tiles:
+        # with 64 x 64 tiles every kernel spilled kilobytes per thread to local memory when compiled for sm_90
+        # (`benchmarks/kernel_resources.py`). 32 x 32 tiles with 8 warps spill nothing for D <= 64 (at D = 128 the
+        # backward dK/dV kernels keep ~0.5 KB of stack).
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, BLOCK_G=block_g, BWD_M=32, BWD_N=32, **chunks,
+                    num_warps=8, num_stages=2)
     big_d = block_d > 64
     # Measured on H200 (Triton 3.6, B=4, N=16384, H=12, D=64, w=256, bf16): 64 x 64 tiles, 4 warps, 3 stages beat
     # 128 x 64 and 128 x 128 for the band (fewer wasted columns at the band's edges).
-    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, BLOCK_G=block_g, BWD_M=64, BWD_N=64,
-                CHUNK=1024 if n > 4096 else 512, Q_CHUNK=1024 if n > 4096 else 512, num_warps=8 if big_d else 4,
-                num_stages=2 if big_d else 3)
+    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, BLOCK_G=block_g, BWD_M=64, BWD_N=64, **chunks,
+                num_warps=8 if big_d else 4, num_stages=2 if big_d else 3)
 
 
 def _kind(key_padding_mask, global_idx, global_count, b: int, n: int, device) -> torch.Tensor | None:
@@ -838,7 +848,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     has_global = global_idx is not None and max_global > 0
     has_prefix = prefix_k is not None
     p = prefix_k.shape[1] if has_prefix else 0
-    cfg = _config(d, n, max_global if has_global else 0)
+    cfg = _config(d, n, max_global if has_global else 0, q.dtype)
     kind = _kind(key_padding_mask, global_idx if has_global else None, global_count, b, n, dev)
     out = _empty_out((b, n, h, d), q.dtype, dev)
     lse = _empty_out((b, h, n), torch.float32, dev)
@@ -891,7 +901,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     has_global = global_idx is not None and max_global > 0 and q_global is not None
     has_prefix = prefix_k is not None
     p = prefix_k.shape[1] if has_prefix else 0
-    cfg = _config(d, n, max_global if has_global else 0)
+    cfg = _config(d, n, max_global if has_global else 0, q.dtype)
     kind = _kind(key_padding_mask, global_idx if has_global else None, global_count, b, n, dev)
     dq = _empty_out((b, n, h, d), q.dtype, dev)
     dk = _empty_out((b, n, h, d), q.dtype, dev)

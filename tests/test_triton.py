@@ -139,6 +139,33 @@ def test_fp16_error_within_twice_pytorch_fp16(name, window):
         assert err <= 2 * base_err + 2e-3 * max(1.0, r.abs().max().item()), (label, err, base_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, dtype):
+    """The tiles a GPU uses (fp32: 32 x 32, 8 warps; fp16 / bf16: 64 x 64; key chunks of 512) through the
+    interpreter: several query tiles, band tiles inside and across the band's edge, 20 globals (more than one
+    global tile of 16), two key chunks, a prefix, padding."""
+    monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
+    case = dict(b=2, n=530, h=1, d=32, prefix=2, globals_={0: [0, 100, 101, 529], 1: list(range(3, 530, 27))},
+                pad={1: list(range(500, 530))})
+    t, masks = make_case(**case)
+    go = grad_out_like(t)
+    if dtype == torch.float16:
+        t = {k: x.to(dtype).double() for k, x in t.items()}
+        go = go.to(dtype).double()
+    out, grads = run(t, masks, 70, "triton", dtype, go)
+    base, base_grads = run(t, masks, 70, "dense", dtype, go)
+    ref, ref_grads = run(t, masks, 70, "dense", torch.float64, go)
+    for label, a, b, r in [("out", out, base, ref), *zip(GRAD_NAMES, grads, base_grads, ref_grads, strict=True)]:
+        assert torch.isfinite(a).all(), label
+        err = (a.double() - r).abs().max().item()
+        scale = max(1.0, r.abs().max().item())
+        if dtype == torch.float32:
+            assert err <= 2e-5 * scale, (label, err)
+        else:
+            base_err = (b.double() - r).abs().max().item()
+            assert err <= 2 * base_err + 2e-3 * scale, (label, err, base_err)
+
+
 def test_padding_only_row_is_zero_and_finite_in_fp16():
     t, masks = make_case(**CASES["empty_row"])
     out, grads = run(t, masks, 3, "triton", torch.float16, grad_out_like(t))
