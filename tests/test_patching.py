@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 
 import pytest
 import torch
@@ -60,6 +61,21 @@ def test_patched_matches_hf_forward_and_backward(name):
     hf = build(name)
     ours = patched_copy(hf)
     assert is_patched(ours) and not is_patched(hf)
+    inputs = batch(name)
+    want, want_grads = run(hf, inputs)
+    got, got_grads = run(ours, inputs)
+    torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
+    assert_same_grads(got_grads, want_grads)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend takes CPU tensors only under "
+                    "TRITON_INTERPRET=1 (tests/test_gpu.py covers it on a GPU)")
+@pytest.mark.parametrize("name", ["LongformerForSequenceClassification", "LEDModel"])
+def test_patched_with_triton_kernels_matches_hf(name):
+    """The fused kernels (here through Triton's interpreter) behind the patched module: HF's numbers, forward and
+    backward, with global tokens, padding and HF's per-layer windows."""
+    hf = build(name)
+    ours = patched_copy(hf, backend="triton")
     inputs = batch(name)
     want, want_grads = run(hf, inputs)
     got, got_grads = run(ours, inputs)

@@ -7,6 +7,7 @@ explicitly prefixed hidden states, with dense `(B, N, N)` attention masks; they 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from tiny_models import LED_CLASSES, LONGFORMER_CLASSES, batch, build, enable_ch
 transformers = pytest.importorskip("transformers")
 
 from prefix_kernels import apply_prefix_propagation, apply_prefix_tuning, load_prefix, save_prefix  # noqa: E402
-from prefix_kernels.patching import is_patched  # noqa: E402
+from prefix_kernels.patching import is_patched, patch_longformer  # noqa: E402
 
 TOL = 1e-5
 P = 4
@@ -166,6 +167,31 @@ def test_tuning_matches_dense_reference(name):
         got = text_rows(model, model(**inputs))
         want, _ = reference(model, inputs, tuning=(prefix.prefix_key, prefix.prefix_value))
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend takes CPU tensors only "
+                    "under TRITON_INTERPRET=1 (tests/test_gpu.py covers it on a GPU)")
+@pytest.mark.parametrize("apply", [apply_prefix_propagation, apply_prefix_tuning])
+def test_triton_kernels_match_the_dense_reference(apply):
+    """Prefix slots as global tokens (propagation) and prefix keys / values (tuning) through the fused kernels:
+    the authors' formulation forward, and the same prefix gradients as the reference backend."""
+    model = build("LongformerModel")
+    prefix = apply(model, num_prefix=P, backend="triton")
+    randomize(prefix)
+    inputs = batch("LongformerModel")
+    kind = {"propagation": prefix.prefix} if apply is apply_prefix_propagation else {
+        "tuning": (prefix.prefix_key, prefix.prefix_value)}
+    with torch.no_grad():
+        want, _ = reference(model, inputs, **kind)
+    got = model(**inputs)
+    torch.testing.assert_close(got.last_hidden_state, want, atol=TOL, rtol=0)
+    scalar_loss(got).backward()
+    grads = {n: t.grad.clone() for n, t in prefix.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    patch_longformer(model, backend="reference")
+    scalar_loss(model(**inputs)).backward()
+    for n, t in prefix.named_parameters():
+        torch.testing.assert_close(grads[n], t.grad, atol=TOL * max(1.0, t.grad.abs().max().item()), rtol=0, msg=n)
 
 
 def test_tuning_adds_no_global_tokens():
