@@ -15,9 +15,11 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   keys are attended once, through the compact global list); only rows of kind 0 are local queries.
 * Global rows are computed twice in the forward: the local-rows kernel writes them (cheaper than branching), then
   the merge kernel overwrites `O` and `LSE` of those rows with the global-branch result.
-* Dropout: Philox keyed by `seed`, counter `(i * (N + P) + j, b * H + h)`, where `j` is the key position (prefix key
-  `p` is `N + p`). A row is local or global, never both, so one counter space covers both probability matrices,
-  and the backward regenerates exactly the forward's mask. Kept probabilities are scaled by `1 / (1 - p)`.
+* Dropout: Philox-4x32-10 keyed by `seed`, counter `(j // 4, i, b * H + h, 0)`, output word `j % 4`, for query `i`
+  and key position `j` (prefix key `p` is at `N` rounded up to a multiple of 4, plus `p`): one Philox call serves
+  four consecutive keys of a tile, and no counter repeats below 2**32 rows. A row is local or global, never both,
+  so one counter space covers both probability matrices, and the backward regenerates exactly the forward's
+  mask. Kept probabilities are scaled by `1 / (1 - p)`.
 * fp32 inputs use `tl.dot(..., input_precision="ieee")`: full fp32 products, matching the fp32 reference to
   ~1e-5 (tf32 would give ~1e-3). fp16/bf16 use tensor cores with fp32 accumulation; probabilities and `dS` are
   rounded to the input dtype before their matmuls, as in FlashAttention.
@@ -59,14 +61,37 @@ KIND_PAD = tl.constexpr(2)
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, rng_cols, dropout_p):
-    """`(len(rows), len(cols))` bool: True where the element survives dropout."""
-    # int32 arithmetic (any operand may be a specialized constant); past N * (N + P) >= 2**31 the counter wraps,
-    # which only makes far-apart elements share a draw.
-    ctr = (rows[:, None] * rng_cols + cols[None, :]).to(tl.uint32, bitcast=True)
-    zero = ctr * 0
-    r0, _, _, _ = tl.philox(seed, ctr, zero + bh.to(tl.uint32), zero, zero)
-    return tl.uint_to_uniform_float(r0) >= dropout_p
+def _dropout_keep(seed, bh, rows, cols, dropout_p, COLS_TILE: tl.constexpr, NCOLS: tl.constexpr):
+    """`(len(rows), NCOLS)` bool: True where element (query `i`, key position `j`) survives dropout.
+
+    Philox keyed by `seed`, counter `(j // 4, i, b * H + h, 0)`, output word `j % 4`, so one call serves four
+    consecutive keys. `cols`: the `NCOLS` key positions; with `COLS_TILE`, the first of `NCOLS` consecutive
+    positions (a multiple of 4), and the tile takes one Philox call per four elements instead of one per element.
+    Both forms give the same bits for the same `(i, j)`."""
+    if COLS_TILE:
+        groups = cols // 4 + tl.arange(0, NCOLS // 4)
+        c0 = (rows[:, None] * 0 + groups[None, :]).to(tl.uint32, bitcast=True)
+        c1 = (rows[:, None] + groups[None, :] * 0).to(tl.uint32, bitcast=True)
+        c2 = c0 * 0 + bh.to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+        # `join(join(r0, r2), join(r1, r3))` is `(M, NCOLS / 4, 2, 2)` with `[.., t, s] = r_{2t+s}`: in row-major
+        # order word `k` of group `g` lands in column `4 g + k`.
+        r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], NCOLS))
+    else:
+        c0 = (rows[:, None] * 0 + (cols // 4)[None, :]).to(tl.uint32, bitcast=True)
+        c1 = (rows[:, None] + cols[None, :] * 0).to(tl.uint32, bitcast=True)
+        c2 = c0 * 0 + bh.to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c2 * 0)
+        word = rows[:, None] * 0 + (cols % 4)[None, :]
+        r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _prefix_col0(N):
+    """Key position of prefix key 0 in the dropout counter space: `N` rounded up to a multiple of 4, so prefix
+    tiles are aligned like band tiles."""
+    return (N + 3) // 4 * 4
 
 
 @triton.jit
@@ -104,12 +129,12 @@ def _atomic_add_rows(base, rows, offs_d, row_ok, val, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, col_bias, scale_log2, seed, bh, rows, cols, rng_cols,
-                         dropout_p, DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_DROPOUT: tl.constexpr):
+def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, col_bias, scale_log2, seed, bh, rows, cols, dropout_p,
+                         DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr, COLS_TILE: tl.constexpr):
     """One key block of the online softmax; `m_i` may stay `-inf` (nothing admissible yet) without NaNs.
     `MASKED`: apply the element mask `valid`; `HAS_BIAS`: add the per-column `col_bias` (0 or -inf), the cheap
-    form used by tiles that lie inside the band."""
+    form used by tiles that lie inside the band. `rows`, `cols`, `COLS_TILE`: as in `_dropout_keep`."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
     if MASKED:
         s = tl.where(valid, s, float("-inf"))
@@ -121,7 +146,7 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, col_bias, scale_log2, se
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        p = tl.where(_dropout_keep(seed, bh, rows, cols, rng_cols, dropout_p), p, 0.0)
+        p = tl.where(_dropout_keep(seed, bh, rows, cols, dropout_p, COLS_TILE, k.shape[0]), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -151,7 +176,7 @@ def _band_tiles(start, N, window, FIXED: tl.constexpr, STEP: tl.constexpr):
 
 @triton.jit
 def _local_fwd_band(acc, m_i, l_i, q, k_base, v_base, KIND, b, bh, rows, start, end, N, window, skn, svn, offs_d,
-                    scale_log2, seed, rng_cols, dropout_p, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    scale_log2, seed, dropout_p, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """Band key tiles `[start, end)` of the online softmax (`EDGE`: tiles that need the element mask)."""
@@ -172,7 +197,7 @@ def _local_fwd_band(acc, m_i, l_i, q, k_base, v_base, KIND, b, bh, rows, start, 
         if EDGE:
             valid = col_ok[None, :] & (tl.abs(rows[:, None] - cols[None, :]) <= window)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, col_bias, scale_log2, seed, bh, rows,
-                                             cols, rng_cols, dropout_p, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT)
+                                             n0, dropout_p, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT, True)
     return acc, m_i, l_i
 
 
@@ -199,7 +224,6 @@ def _local_rows_fwd_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     q = _load_rows(Q + b * sqb + h * sqh, rows, sqn, offs_d, row_ok, HEAD_DIM, BLOCK_D)
-    rng_cols = N + P
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -207,13 +231,13 @@ def _local_rows_fwd_kernel(
 
     lo, mid_lo, mid_hi, hi = _band_tiles(m0, N, window, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _local_fwd_band(acc, m_i, l_i, q, k_base, v_base, KIND, b, bh, rows, lo, mid_lo, N, window, skn,
-                                    svn, offs_d, scale_log2, seed, rng_cols, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    svn, offs_d, scale_log2, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
                                     True, HAS_KIND, HAS_DROPOUT, DOT_PREC)
     acc, m_i, l_i = _local_fwd_band(acc, m_i, l_i, q, k_base, v_base, KIND, b, bh, rows, mid_lo, mid_hi, N, window,
-                                    skn, svn, offs_d, scale_log2, seed, rng_cols, dropout_p, HEAD_DIM, BLOCK_D,
+                                    skn, svn, offs_d, scale_log2, seed, dropout_p, HEAD_DIM, BLOCK_D,
                                     BLOCK_N, False, HAS_KIND, HAS_DROPOUT, DOT_PREC)
     acc, m_i, l_i = _local_fwd_band(acc, m_i, l_i, q, k_base, v_base, KIND, b, bh, rows, mid_hi, hi, N, window, skn,
-                                    svn, offs_d, scale_log2, seed, rng_cols, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    svn, offs_d, scale_log2, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
                                     True, HAS_KIND, HAS_DROPOUT, DOT_PREC)
 
     if HAS_GLOBAL:
@@ -225,8 +249,8 @@ def _local_rows_fwd_kernel(
             k = _load_rows(k_base, gpos, skn, offs_d, g_ok, HEAD_DIM, BLOCK_D)
             v = _load_rows(v_base, gpos, svn, offs_d, g_ok, HEAD_DIM, BLOCK_D)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, g_ok[None, :], None,
-                                                 scale_log2, seed, bh, rows, gpos, rng_cols, dropout_p,
-                                                 DOT_PREC, True, False, HAS_DROPOUT)
+                                                 scale_log2, seed, bh, rows, gpos, dropout_p,
+                                                 DOT_PREC, True, False, HAS_DROPOUT, False)
 
     if HAS_PREFIX:
         pk_base = PK + b * spkb + h * spkh
@@ -237,8 +261,8 @@ def _local_rows_fwd_kernel(
             k = _load_rows(pk_base, pcols, spkn, offs_d, p_ok, HEAD_DIM, BLOCK_D)
             v = _load_rows(pv_base, pcols, spvn, offs_d, p_ok, HEAD_DIM, BLOCK_D)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, p_ok[None, :], None,
-                                                 scale_log2, seed, bh, rows, N + pcols, rng_cols, dropout_p,
-                                                 DOT_PREC, True, False, HAS_DROPOUT)
+                                                 scale_log2, seed, bh, rows, _prefix_col0(N) + p0, dropout_p,
+                                                 DOT_PREC, True, False, HAS_DROPOUT, True)
 
     live = l_i > 0
     if HAS_KIND:
@@ -274,7 +298,6 @@ def _global_rows_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     gpos = tl.load(GIDX + b * gidx_stride + g_rows, mask=g_ok, other=0)
     q = _load_rows(QG + b * sqb + h * sqh, gpos, sqn, offs_d, g_ok, HEAD_DIM, BLOCK_D)
-    rng_cols = N + P
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -293,8 +316,8 @@ def _global_rows_fwd_kernel(
             k = _load_rows(k_base, cols, skn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
             v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, col_ok[None, :], None,
-                                                 scale_log2, seed, bh, gpos, cols, rng_cols, dropout_p,
-                                                 DOT_PREC, True, False, HAS_DROPOUT)
+                                                 scale_log2, seed, bh, gpos, n0, dropout_p,
+                                                 DOT_PREC, True, False, HAS_DROPOUT, True)
     elif HAS_PREFIX:  # the dummy prefix pointers must not even be compiled
         pk_base = PK + b * spkb + h * spkh
         pv_base = PV + b * spvb + h * spvh
@@ -304,8 +327,8 @@ def _global_rows_fwd_kernel(
             k = _load_rows(pk_base, pcols, spkn, offs_d, p_ok, HEAD_DIM, BLOCK_D)
             v = _load_rows(pv_base, pcols, spvn, offs_d, p_ok, HEAD_DIM, BLOCK_D)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, p_ok[None, :], None,
-                                                 scale_log2, seed, bh, gpos, N + pcols, rng_cols, dropout_p,
-                                                 DOT_PREC, True, False, HAS_DROPOUT)
+                                                 scale_log2, seed, bh, gpos, _prefix_col0(N) + p0, dropout_p,
+                                                 DOT_PREC, True, False, HAS_DROPOUT, True)
 
     live = l_i > 0
     out = acc * (inv_keep / tl.where(live, l_i, 1.0))[:, None]
@@ -369,9 +392,9 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, son, soh, sdb, sdn, sdh, N, H,
 
 
 @triton.jit
-def _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, cols, rng_cols,
-                       dropout_p, inv_keep, DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr):
+def _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, cols, dropout_p,
+                       inv_keep, DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, COLS_TILE: tl.constexpr):
     """Recomputed probabilities `p` (undropped), dropped-and-rescaled `p_drop`, and `dS = p * (dP - delta)`.
     Rows with `lse = +inf` (not local queries, out of range) get `p = 0`; masks as in `_online_softmax_step`."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
@@ -382,7 +405,7 @@ def _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, see
         p = tl.where(valid, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, rows, cols, rng_cols, dropout_p)
+        keep = _dropout_keep(seed, bh, rows, cols, dropout_p, COLS_TILE, k.shape[0])
         dp = tl.where(keep, dp * inv_keep, 0.0)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
     else:
@@ -393,7 +416,7 @@ def _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, see
 
 @triton.jit
 def _local_dq_band(dq, q, do, lse, delta, k_base, v_base, KIND, b, bh, rows, start, end, N, window, skn, svn, offs_d,
-                   scale_log2, seed, rng_cols, dropout_p, inv_keep, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   scale_log2, seed, dropout_p, inv_keep, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     """Unscaled dQ of a row tile from the band key tiles `[start, end)`."""
@@ -413,8 +436,8 @@ def _local_dq_band(dq, q, do, lse, delta, k_base, v_base, KIND, b, bh, rows, sta
         valid = None
         if EDGE:
             valid = col_ok[None, :] & (tl.abs(rows[:, None] - cols[None, :]) <= window)
-        _, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, cols,
-                                   rng_cols, dropout_p, inv_keep, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT)
+        _, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, n0,
+                                   dropout_p, inv_keep, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT, True)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
@@ -448,18 +471,17 @@ def _local_rows_bwd_dq_kernel(
         rk = tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD)
         lse = tl.where(rk == KIND_LOCAL, lse, float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-    rng_cols = N + P
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, mid_lo, mid_hi, hi = _band_tiles(m0, N, window, BLOCK_M, BLOCK_N)
     dq = _local_dq_band(dq, q, do, lse, delta, k_base, v_base, KIND, b, bh, rows, lo, mid_lo, N, window, skn, svn,
-                        offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                        offs_d, scale_log2, seed, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                         HAS_KIND, HAS_DROPOUT, DOT_PREC)
     dq = _local_dq_band(dq, q, do, lse, delta, k_base, v_base, KIND, b, bh, rows, mid_lo, mid_hi, N, window, skn,
-                        svn, offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_N,
+                        svn, offs_d, scale_log2, seed, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_N,
                         False, HAS_KIND, HAS_DROPOUT, DOT_PREC)
     dq = _local_dq_band(dq, q, do, lse, delta, k_base, v_base, KIND, b, bh, rows, mid_hi, hi, N, window, skn, svn,
-                        offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                        offs_d, scale_log2, seed, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                         HAS_KIND, HAS_DROPOUT, DOT_PREC)
 
     if HAS_GLOBAL:
@@ -471,7 +493,7 @@ def _local_rows_bwd_dq_kernel(
             k = _load_rows(k_base, gpos, skn, offs_d, g_ok, HEAD_DIM, BLOCK_D)
             v = _load_rows(v_base, gpos, svn, offs_d, g_ok, HEAD_DIM, BLOCK_D)
             _, ds = _probs_and_dscores(q, do, k, v, lse, delta, g_ok[None, :], None, scale_log2, seed, bh, rows,
-                                       gpos, rng_cols, dropout_p, inv_keep, DOT_PREC, True, False, HAS_DROPOUT)
+                                       gpos, dropout_p, inv_keep, DOT_PREC, True, False, HAS_DROPOUT, False)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     if HAS_PREFIX:
@@ -483,7 +505,8 @@ def _local_rows_bwd_dq_kernel(
             k = _load_rows(pk_base, pcols, spkn, offs_d, p_ok, HEAD_DIM, BLOCK_D)
             v = _load_rows(pv_base, pcols, spvn, offs_d, p_ok, HEAD_DIM, BLOCK_D)
             _, ds = _probs_and_dscores(q, do, k, v, lse, delta, p_ok[None, :], None, scale_log2, seed, bh, rows,
-                                       N + pcols, rng_cols, dropout_p, inv_keep, DOT_PREC, True, False, HAS_DROPOUT)
+                                       _prefix_col0(N) + p0, dropout_p, inv_keep, DOT_PREC, True, False,
+                                       HAS_DROPOUT, True)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     _store_rows(DQ + b * sdqb + h * sdqh, rows, sdqn, offs_d, row_ok, (dq * scale).to(DQ.dtype.element_ty),
@@ -492,10 +515,11 @@ def _local_rows_bwd_dq_kernel(
 
 @triton.jit
 def _band_dkdv_rows(dk, dv, k, v, col_ok, col_bias, q_base, do_base, LSE, DELTA, KIND, b, bh, cols, start, end, N,
-                    window, sqn, sdn, offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep, HEAD_DIM: tl.constexpr,
+                    window, sqn, sdn, offs_d, scale_log2, seed, col0, dropout_p, inv_keep, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr, HAS_KIND: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Unscaled dK/dV of a band key tile from the query tiles `[start, end)` (local rows only, via `LSE`)."""
+    """Unscaled dK/dV of the band key tile `cols = col0 + arange(BLOCK_N)` from the query tiles `[start, end)` (local
+    rows only, via `LSE`)."""
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
@@ -509,8 +533,8 @@ def _band_dkdv_rows(dk, dv, k, v, col_ok, col_bias, q_base, do_base, LSE, DELTA,
         valid = None
         if EDGE:
             valid = col_ok[None, :] & (tl.abs(rows[:, None] - cols[None, :]) <= window)
-        p_drop, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, cols,
-                                        rng_cols, dropout_p, inv_keep, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT)
+        p_drop, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, col0,
+                                        dropout_p, inv_keep, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT, True)
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     return dk, dv
@@ -543,20 +567,19 @@ def _band_keys_bwd_dkdv_kernel(
         col_bias = tl.where(ck == KIND_LOCAL, 0.0, float("-inf"))
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
-    rng_cols = N + P
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     # Rows past N read as 0 with lse = +inf (p = 0): only the band needs masking when iterating query tiles.
     lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, BLOCK_N, BLOCK_M)
     dk, dv = _band_dkdv_rows(dk, dv, k, v, col_ok, col_bias, q_base, do_base, LSE, DELTA, KIND, b, bh, cols, lo,
-                             mid_lo, N, window, sqn, sdn, offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep,
+                             mid_lo, N, window, sqn, sdn, offs_d, scale_log2, seed, n0, dropout_p, inv_keep,
                              HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KIND, HAS_DROPOUT, DOT_PREC)
     dk, dv = _band_dkdv_rows(dk, dv, k, v, col_ok, col_bias, q_base, do_base, LSE, DELTA, KIND, b, bh, cols, mid_lo,
-                             mid_hi, N, window, sqn, sdn, offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep,
+                             mid_hi, N, window, sqn, sdn, offs_d, scale_log2, seed, n0, dropout_p, inv_keep,
                              HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_KIND, HAS_DROPOUT, DOT_PREC)
     dk, dv = _band_dkdv_rows(dk, dv, k, v, col_ok, col_bias, q_base, do_base, LSE, DELTA, KIND, b, bh, cols, mid_hi,
-                             hi, N, window, sqn, sdn, offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep,
+                             hi, N, window, sqn, sdn, offs_d, scale_log2, seed, n0, dropout_p, inv_keep,
                              HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KIND, HAS_DROPOUT, DOT_PREC)
 
     _store_rows(DK + b * sdkb + h * sdkh, cols, sdkn, offs_d, col_ok, (dk * scale).to(DK.dtype.element_ty),
@@ -566,10 +589,12 @@ def _band_keys_bwd_dkdv_kernel(
 
 @triton.jit
 def _key_block_bwd_from_local_rows(dk, dv, q_base, do_base, LSE, DELTA, KIND, k, v, key_ok, key_cols, b, bh, N,
-                                   start, end, sqn, sdn, offs_d, scale_log2, seed, rng_cols, dropout_p, inv_keep,
+                                   start, end, sqn, sdn, offs_d, scale_log2, seed, dropout_p, inv_keep,
                                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   HAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Adds to `dk, dv` (unscaled) the contributions of the local query rows `[start, end)` to one key block."""
+                                   HAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                                   COLS_TILE: tl.constexpr):
+    """Adds to `dk, dv` (unscaled) the contributions of the local query rows `[start, end)` to one key block
+    (`key_cols`, `COLS_TILE`: the keys' positions, as in `_dropout_keep`)."""
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -581,7 +606,7 @@ def _key_block_bwd_from_local_rows(dk, dv, q_base, do_base, LSE, DELTA, KIND, k,
             lse = tl.where(rk == KIND_LOCAL, lse, float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
         p_drop, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok[None, :], None, scale_log2, seed, bh, rows,
-                                        key_cols, rng_cols, dropout_p, inv_keep, DOT_PREC, True, False, HAS_DROPOUT)
+                                        key_cols, dropout_p, inv_keep, DOT_PREC, True, False, HAS_DROPOUT, COLS_TILE)
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     return dk, dv
@@ -609,7 +634,6 @@ def _global_keys_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
-    rng_cols = N + P
     if HAS_GLOBAL:
         cnt = tl.load(GCNT + b)
         offs_g = tl.arange(0, BLOCK_G)
@@ -623,8 +647,8 @@ def _global_keys_bwd_kernel(
             dv = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             dk, dv = _key_block_bwd_from_local_rows(dk, dv, q_base, do_base, LSE, DELTA, KIND, k, v, g_ok, gpos, b,
                                                     bh, N, start, end, sqn, sdn, offs_d, scale_log2, seed,
-                                                    rng_cols, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                                    HAS_KIND, HAS_DROPOUT, DOT_PREC)
+                                                    dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                                    HAS_KIND, HAS_DROPOUT, DOT_PREC, False)
             part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + g_rows
             _store_rows(GPART_K, part, HEAD_DIM, offs_d, g_ok, dk, HEAD_DIM, BLOCK_D)
             _store_rows(GPART_V, part, HEAD_DIM, offs_d, g_ok, dv, HEAD_DIM, BLOCK_D)
@@ -638,21 +662,22 @@ def _global_keys_bwd_kernel(
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dk, dv = _key_block_bwd_from_local_rows(dk, dv, q_base, do_base, LSE, DELTA, KIND, k, v, p_ok,
-                                                    N + pcols, b, bh, N, start, end, sqn, sdn, offs_d, scale_log2,
-                                                    seed, rng_cols, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                                    HAS_KIND, HAS_DROPOUT, DOT_PREC)
+                                                    _prefix_col0(N) + p0, b, bh, N, start, end, sqn, sdn, offs_d,
+                                                    scale_log2, seed, dropout_p, inv_keep, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                                    HAS_KIND, HAS_DROPOUT, DOT_PREC, True)
             part = (bh.to(tl.int64) * num_chunks + chunk) * P + pcols
             _store_rows(PPART_K, part, HEAD_DIM, offs_d, p_ok, dk, HEAD_DIM, BLOCK_D)
             _store_rows(PPART_V, part, HEAD_DIM, offs_d, p_ok, dv, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _global_rows_bwd_tile(q, do, lse, delta, g_ok, gpos, k, v, col_ok, cols, bh, rng_cols, scale_log2, dropout_p,
-                          inv_keep, seed, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """One (global-query block, key tile) pair: unscaled dQ part `(BLOCK_G, D)`, dK and dV parts `(BLOCK_N, D)`."""
+def _global_rows_bwd_tile(q, do, lse, delta, g_ok, gpos, k, v, col_ok, col0, bh, scale_log2, dropout_p, inv_keep,
+                          seed, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One (global-query block, key tile) pair: unscaled dQ part `(BLOCK_G, D)`, dK and dV parts `(BLOCK_N, D)`.
+    The tile's keys are the positions `col0 + arange(BLOCK_N)`, `col0` a multiple of 4."""
     valid = g_ok[:, None] & col_ok[None, :]
-    p_drop, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, None, scale_log2, seed, bh, gpos, cols, rng_cols,
-                                    dropout_p, inv_keep, DOT_PREC, True, False, HAS_DROPOUT)
+    p_drop, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, None, scale_log2, seed, bh, gpos, col0, dropout_p,
+                                    inv_keep, DOT_PREC, True, False, HAS_DROPOUT, True)
     dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PREC)
@@ -661,7 +686,7 @@ def _global_rows_bwd_tile(q, do, lse, delta, g_ok, gpos, k, v, col_ok, cols, bh,
 
 @triton.jit
 def _global_rows_bwd_keys(KEYS, VALS, skn, svn, KIND, GIDX, DO, LSE, DELTA, GDQ, qg_base, do_base, b, bh, N, cnt,
-                          gidx_stride, key_start, key_end, col_offset, sqn, sdn, rng_cols, scale_log2, dropout_p,
+                          gidx_stride, key_start, key_end, col_offset, sqn, sdn, scale_log2, dropout_p,
                           inv_keep, seed, DK_OUT, DV_OUT, sdkn, sdvn, dk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                           SINGLE_G: tl.constexpr, CHECK_PAD: tl.constexpr, ATOMIC_KV: tl.constexpr,
@@ -690,8 +715,8 @@ def _global_rows_bwd_keys(KEYS, VALS, skn, svn, KIND, GIDX, DO, LSE, DELTA, GDQ,
         k = _load_rows(KEYS, cols, skn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
         v = _load_rows(VALS, cols, svn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
         if SINGLE_G:
-            dq_t, dk, dv = _global_rows_bwd_tile(q1, do1, lse1, delta1, g_ok, gpos, k, v, col_ok, col_offset + cols,
-                                                 bh, rng_cols, scale_log2, dropout_p, inv_keep, seed, DOT_PREC,
+            dq_t, dk, dv = _global_rows_bwd_tile(q1, do1, lse1, delta1, g_ok, gpos, k, v, col_ok, col_offset + n0,
+                                                 bh, scale_log2, dropout_p, inv_keep, seed, DOT_PREC,
                                                  HAS_DROPOUT)
             dq1 += dq_t
         else:
@@ -706,7 +731,7 @@ def _global_rows_bwd_keys(KEYS, VALS, skn, svn, KIND, GIDX, DO, LSE, DELTA, GDQ,
                 lse = tl.load(LSE + bh.to(tl.int64) * N + gpos2, mask=g_ok2, other=float("inf"))
                 delta = tl.load(DELTA + bh.to(tl.int64) * N + gpos2, mask=g_ok2, other=0.0)
                 dq_t, dk_t, dv_t = _global_rows_bwd_tile(q, do, lse, delta, g_ok2, gpos2, k, v, col_ok,
-                                                         col_offset + cols, bh, rng_cols, scale_log2, dropout_p,
+                                                         col_offset + n0, bh, scale_log2, dropout_p,
                                                          inv_keep, seed, DOT_PREC, HAS_DROPOUT)
                 _atomic_add_rows(GDQ, bh * gidx_stride + g_rows, offs_d, g_ok2, dq_t, HEAD_DIM)
                 dk += dk_t
@@ -742,17 +767,16 @@ def _global_rows_bwd_kernel(
     cnt = tl.load(GCNT + b)
     qg_base = QG + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
-    rng_cols = N + P
     if split < num_splits:
         start = split * chunk
         _global_rows_bwd_keys(KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn, KIND, GIDX, DO, LSE, DELTA,
                               GDQ, qg_base, do_base, b, bh, N, cnt, gidx_stride, start, tl.minimum(start + chunk, N),
-                              0, sqn, sdn, rng_cols, scale_log2, dropout_p, inv_keep, seed,
+                              0, sqn, sdn, scale_log2, dropout_p, inv_keep, seed,
                               DKG + b * sdkb + h * sdkh, DVG + b * sdvb + h * sdvh, sdkn, sdvn, scale,
                               HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_G, SINGLE_G, True, False, HAS_DROPOUT, DOT_PREC)
     elif HAS_PREFIX:
         _global_rows_bwd_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, KIND, GIDX, DO, LSE,
-                              DELTA, GDQ, qg_base, do_base, b, bh, N, cnt, gidx_stride, 0, P, N, sqn, sdn, rng_cols,
+                              DELTA, GDQ, qg_base, do_base, b, bh, N, cnt, gidx_stride, 0, P, _prefix_col0(N), sqn, sdn,
                               scale_log2, dropout_p, inv_keep, seed, PDK + bh.to(tl.int64) * P * HEAD_DIM,
                               PDV + bh.to(tl.int64) * P * HEAD_DIM, HEAD_DIM, HEAD_DIM, 1.0,
                               HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_G, SINGLE_G, False, True, HAS_DROPOUT, DOT_PREC)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import prefix_kernels as pk
-from prefix_kernels import fused, triton_attention
+from prefix_kernels import fused, reference, triton_attention
 from prefix_kernels.attention import select_backend
 from prefix_kernels.checks import check_inputs
 from prefix_kernels.reference import dense_attention
@@ -228,6 +230,58 @@ def test_dropout_backward_replays_the_forward_mask():
     # And the mask differs from another seed's: the check above is not vacuous.
     torch.manual_seed(12)
     assert not torch.equal(out, pk.longformer_attention(**x, **masks, window=6, dropout_p=0.4, backend="triton"))
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, COLS, seed, dropout_p, n_cols, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """`OUT[bh, i, c]` = the kernels' keep bit for query `i` and key position `COLS[c]` (with `TILE`: `COLS[0] + c`)."""
+    bh = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    if TILE:
+        keep = triton_attention._dropout_keep(seed, bh, offs, tl.load(COLS), dropout_p, True, BLOCK)
+    else:
+        cols = tl.load(COLS + offs, mask=offs < n_cols, other=0)
+        keep = triton_attention._dropout_keep(seed, bh, offs, cols, dropout_p, False, BLOCK)
+    tl.store(OUT + bh * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], keep.to(tl.int8))
+
+
+def _keep_mask(seed, bh, positions, dropout_p, tile=False, block=128):
+    out = torch.empty(bh, block, block, dtype=torch.int8)
+    cols = torch.as_tensor(positions, dtype=torch.int32)
+    _keep_mask_kernel[(bh,)](out, cols, seed, dropout_p, len(cols), TILE=tile, BLOCK=block)
+    return out.bool()
+
+
+def test_dropout_tiles_draw_the_same_bits_as_single_elements():
+    """The one-call-per-four-keys tile form equals the per-element form, at tile starts that are multiples of 4."""
+    seed = 2**40 + 12345
+    for col0 in (0, 4, 68, 1 << 20):
+        tile = _keep_mask(seed, 3, [col0], 0.5, tile=True)
+        single = _keep_mask(seed, 3, range(col0, col0 + 128), 0.5)
+        assert torch.equal(tile, single), col0
+    assert 0.45 < single.float().mean().item() < 0.55
+    assert not torch.equal(single[0], single[1])  # heads draw different bits
+
+
+@pytest.mark.parametrize("small_tiles", [True, False])
+def test_dropout_output_and_gradients_use_the_documented_mask(monkeypatch, small_tiles):
+    """Dropout masks rebuilt from the documented counter scheme (key positions `0..N-1`, prefix key `p` at
+    `ceil4(N) + p`), applied in the dense fp64 reference: the same output and the same eight gradients."""
+    monkeypatch.setattr(triton_attention, "SMALL_TILES", small_tiles)
+    b, n, h, prefix, p_drop = 2, 90, 2, 3, 0.3
+    t, masks = make_case(b=b, n=n, h=h, d=16, prefix=prefix, globals_={0: [0, 45], 1: [89]}, pad={1: [88, 89]})
+    torch.manual_seed(5)
+    seed = int(torch.randint(2**31, 2**62, (), dtype=torch.int64))  # what the op draws after manual_seed(5)
+    positions = [*range(n), *(-(-n // 4) * 4 + i for i in range(prefix))]
+    keep = _keep_mask(seed, b * h, positions, p_drop)[:, :n, : n + prefix].view(b, h, n, n + prefix)
+    go = grad_out_like(t)
+    torch.manual_seed(5)
+    out, grads = run(t, masks, 20, "triton", torch.float32, go, dropout_p=p_drop)
+    monkeypatch.setattr(reference, "_dropout", lambda probs, p: probs * keep.to(probs.dtype) / (1 - p))
+    ref, ref_grads = run(t, masks, 20, "dense", torch.float64, go, dropout_p=p_drop)
+    for label, a, r in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
+        err = (a.double() - r).abs().max().item()
+        assert err <= 2e-5 * max(1.0, r.abs().max().item()), (label, err)
 
 
 def test_dropout_under_gradient_checkpointing():
