@@ -6,7 +6,8 @@ inputs (fp32 softmax, results and gradients rounded to the dtype), plus a small 
 heads (H=12, D=64, w=256) up to N=16384, D=32/128, odd N, random global tokens per row (some rows none),
 padding, prefixes. The dense reference is used up to N=2048; beyond, the chunked reference (same semantics,
 never N x N). Outputs are NaN-poisoned (`PREFIX_KERNELS_POISON=1`), so anything no kernel writes fails.
-Also: dropout determinism and replay in the backward, `torch.compile(fullgraph=True)`.
+Also: dropout determinism and replay in the backward, the Triton dropout bits against an independent Philox,
+`torch.compile(fullgraph=True)`.
 """
 
 from __future__ import annotations
@@ -145,6 +146,20 @@ def test_dropout_is_seeded_and_replayed_in_backward(backend):
 
     numeric = (f(1) - f(-1)) / (2 * eps)
     assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+def test_triton_dropout_bits_follow_the_documented_philox_stream():
+    """Compiled for the GPU (where `tl.join` / `tl.reshape` get real layouts), both forms of the Triton kernels'
+    dropout draw give the bits of the NumPy Philox of the documented scheme."""
+    _need("triton")
+    from dropout_masks import kernel_keep, philox_keep
+
+    seed, p = 2**40 + 12345, 0.3
+    for col0 in (0, 68, 16388):
+        positions = range(col0, col0 + 64)
+        want = torch.stack([philox_keep(seed, bh, range(64), positions, p) for bh in range(2)])
+        assert torch.equal(kernel_keep(seed, 2, [col0], p, tile=True, block=64, device="cuda"), want), col0
+        assert torch.equal(kernel_keep(seed, 2, positions, p, block=64, device="cuda"), want), col0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

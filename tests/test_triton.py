@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
+from dropout_masks import kernel_keep, philox_keep
 
 import prefix_kernels as pk
 from prefix_kernels import fused, reference, triton_attention
@@ -232,35 +231,20 @@ def test_dropout_backward_replays_the_forward_mask():
     assert not torch.equal(out, pk.longformer_attention(**x, **masks, window=6, dropout_p=0.4, backend="triton"))
 
 
-@triton.jit
-def _keep_mask_kernel(OUT, COLS, seed, dropout_p, n_cols, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """`OUT[bh, i, c]` = the kernels' keep bit for query `i` and key position `COLS[c]` (with `TILE`: `COLS[0] + c`)."""
-    bh = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    if TILE:
-        keep = triton_attention._dropout_keep(seed, bh, offs, tl.load(COLS), dropout_p, True, BLOCK)
-    else:
-        cols = tl.load(COLS + offs, mask=offs < n_cols, other=0)
-        keep = triton_attention._dropout_keep(seed, bh, offs, cols, dropout_p, False, BLOCK)
-    tl.store(OUT + bh * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], keep.to(tl.int8))
-
-
-def _keep_mask(seed, bh, positions, dropout_p, tile=False, block=128):
-    out = torch.empty(bh, block, block, dtype=torch.int8)
-    cols = torch.as_tensor(positions, dtype=torch.int32)
-    _keep_mask_kernel[(bh,)](out, cols, seed, dropout_p, len(cols), TILE=tile, BLOCK=block)
-    return out.bool()
-
-
-def test_dropout_tiles_draw_the_same_bits_as_single_elements():
-    """The one-call-per-four-keys tile form equals the per-element form, at tile starts that are multiples of 4."""
-    seed = 2**40 + 12345
+def test_dropout_bits_follow_the_documented_philox_stream():
+    """Both forms of `_dropout_keep` (one Philox call per element; one per four keys of a tile) give the bits of an
+    independent NumPy Philox4x32-10 with counter `(j // 4, i, bh, 0)`, word `j % 4`."""
+    seed, p = 2**40 + 12345, 0.5
     for col0 in (0, 4, 68, 1 << 20):
-        tile = _keep_mask(seed, 3, [col0], 0.5, tile=True)
-        single = _keep_mask(seed, 3, range(col0, col0 + 128), 0.5)
-        assert torch.equal(tile, single), col0
-    assert 0.45 < single.float().mean().item() < 0.55
-    assert not torch.equal(single[0], single[1])  # heads draw different bits
+        positions = range(col0, col0 + 128)
+        want = torch.stack([philox_keep(seed, bh, range(128), positions, p) for bh in range(3)])
+        assert torch.equal(kernel_keep(seed, 3, [col0], p, tile=True), want), col0
+        assert torch.equal(kernel_keep(seed, 3, positions, p), want), col0
+    scattered = [0, 1, 7, 30, 31, 93, 94, 95, 96, 97, 4099]
+    got = kernel_keep(seed, 2, scattered, p)[:, :, : len(scattered)]
+    assert torch.equal(got[1], philox_keep(seed, 1, range(128), scattered, p))
+    assert 0.45 < want.float().mean().item() < 0.55
+    assert not torch.equal(want[0], want[1])  # heads draw different bits
 
 
 @pytest.mark.parametrize("small_tiles", [True, False])
@@ -273,7 +257,8 @@ def test_dropout_output_and_gradients_use_the_documented_mask(monkeypatch, small
     torch.manual_seed(5)
     seed = int(torch.randint(2**31, 2**62, (), dtype=torch.int64))  # what the op draws after manual_seed(5)
     positions = [*range(n), *(-(-n // 4) * 4 + i for i in range(prefix))]
-    keep = _keep_mask(seed, b * h, positions, p_drop)[:, :n, : n + prefix].view(b, h, n, n + prefix)
+    keep = torch.stack([philox_keep(seed, bh, range(n), positions, p_drop) for bh in range(b * h)])
+    keep = keep.view(b, h, n, n + prefix)
     go = grad_out_like(t)
     torch.manual_seed(5)
     out, grads = run(t, masks, 20, "triton", torch.float32, go, dropout_p=p_drop)
