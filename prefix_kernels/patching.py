@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .attention import BACKEND_ORDER, longformer_attention
+from .fused import global_index
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
 
@@ -132,7 +133,8 @@ def fused_self_attention(
     qg = kg = vg = None
     glob = None
     if is_global_attn and is_index_global_attn is not None:
-        qg, kg, vg = heads(module.query_global), heads(module.key_global), heads(module.value_global)
+        qg = _global_rows_projection(module.query_global, hidden_states, is_index_global_attn).view(b, n, h, d)
+        kg, vg = heads(module.key_global), heads(module.value_global)
         glob = is_index_global_attn
     prefix_k = prefix_v = None
     prefix = getattr(module, "_prefix_kernels_prefix", None)
@@ -158,6 +160,25 @@ def fused_self_attention(
         # HF multiplies both probability matrices by the head's weight, which scales that head's output.
         out = out * layer_head_mask.to(out.dtype).view(1, 1, h, 1)
     return out.reshape(b, n, c)
+
+
+def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` on the global rows of `x (B, N, C)`, zeros elsewhere: the op reads `q_global` on global rows
+    only, so (as in HF) only those rows are projected, sparing a full `(B, N, C)` matmul, its activation and its
+    weight-gradient matmul. The compact index costs one host read per mask tensor, shared with the op and every
+    layer; under `torch.compile` (where that read would break the graph) the whole projection runs instead."""
+    if torch.compiler.is_compiling():
+        return linear(x)
+    idx, counts, g = global_index(is_global)
+    if g == 0:
+        return linear(x)
+    b, n, c = x.shape
+    idx = idx.long()
+    used = torch.arange(g, device=x.device)[None, :] < counts[:, None]
+    rows = linear(x.gather(1, idx[..., None].expand(b, g, c)))
+    # Entries past a row's count hold arbitrary positions: they add zeros.
+    rows = rows * used[..., None].to(rows.dtype)
+    return rows.new_zeros(b, n, rows.shape[-1]).scatter_add(1, idx[..., None].expand_as(rows), rows)
 
 
 def _fused_class(cls: type) -> type:

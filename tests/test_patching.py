@@ -256,6 +256,17 @@ def test_torch_compile():
     assert_same_grads({k.removeprefix("_orig_mod."): v for k, v in got_grads.items()}, want_grads)
 
 
+def test_query_global_projects_only_the_global_rows():
+    """Like HF, the patched module runs `query_global` on the global rows only (row 0 has 2 globals, row 1 has 2):
+    an input of `(B, max globals, C)`, not `(B, N, C)`, with HF's numbers (checked above)."""
+    ours = patched_copy(build("LongformerModel"))
+    shapes = []
+    for layer in ours.encoder.layer:
+        layer.attention.self.query_global.register_forward_hook(lambda mod, args, out: shapes.append(args[0].shape))
+    ours(**batch("LongformerModel"))
+    assert shapes == [torch.Size([2, 2, ours.config.hidden_size])] * ours.config.num_hidden_layers
+
+
 def test_ddp_single_process(tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
