@@ -2,7 +2,7 @@
 its registers per thread, spill stack and shared memory.
 
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16,float16,float32] [--head-dim 32,64,128]
-                                          [--dropout 0.1] [--json out.json]
+                                          [--dropout 0.1] [--fp32-precision highest|high] [--json out.json]
 
 The real launchers `prefix_kernels.triton_attention.forward` / `backward` run on small CPU tensors with global
 tokens, prefix keys, padding and (optionally) dropout, so every kernel is specialized exactly as a GPU call
@@ -128,7 +128,10 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float) -> list[dict]:
                         continue
                     seen.add(name)
                     md = kernel.metadata
-                    rows.append(dict(arch=f"sm_{arch}", dtype=str(dtype).removeprefix("torch."), head_dim=d,
+                    dt = str(dtype).removeprefix("torch.")
+                    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+                        dt += "-tf32"
+                    rows.append(dict(arch=f"sm_{arch}", dtype=dt, head_dim=d,
                                      dropout=dropout_p > 0, kernel=name, warps=md.num_warps, stages=md.num_stages,
                                      shared=md.shared, **_resources(kernel.asm["cubin"])))
     finally:
@@ -153,12 +156,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16,float16,float32")
     ap.add_argument("--head-dim", default="32,64,128")
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--fp32-precision", default="highest", choices=("highest", "high", "medium"),
+                    help="torch.set_float32_matmul_precision for the fp32 kernels (high/medium: TF32)")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
     why = missing_tools()
     if why:
         print(f"cannot compile here: {why}", file=sys.stderr)
         return 2
+    torch.set_float32_matmul_precision(a.fp32_precision)
     rows = compile_all(a.arch, [getattr(torch, s) for s in a.dtype.split(",")],
                        [int(s) for s in a.head_dim.split(",")], a.dropout)
     if a.json:

@@ -20,9 +20,10 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   four consecutive keys of a tile, and no counter repeats below 2**32 rows. A row is local or global, never both,
   so one counter space covers both probability matrices, and the backward regenerates exactly the forward's
   mask. Kept probabilities are scaled by `1 / (1 - p)`.
-* fp32 inputs use `tl.dot(..., input_precision="ieee")`: full fp32 products, matching the fp32 reference to
-  ~1e-5 (tf32 would give ~1e-3). fp16/bf16 use tensor cores with fp32 accumulation; probabilities and `dS` are
-  rounded to the input dtype before their matmuls, as in FlashAttention.
+* fp32 follows `torch.get_float32_matmul_precision()`, as PyTorch's own matmuls do: "highest" (the default) gives
+  `tl.dot(..., input_precision="ieee")`, full fp32 products on the FMA units, matching the fp32 reference to
+  ~1e-5; "high" / "medium" give TF32 tensor cores (~1e-3). fp16/bf16 use tensor cores with fp32 accumulation;
+  probabilities and `dS` are rounded to the input dtype before their matmuls, as in FlashAttention.
 * Tiles strictly inside the band skip the element mask; only columns that are global or padding are removed, by
   a per-column additive `0 / -inf` bias. Tiles crossing the band's edge (or the sequence end) use the full mask.
 * dK/dV of the keys every local query sees (global keys through the local `k, v`, and the prefix keys) are computed
@@ -812,7 +813,7 @@ def _unit_d(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _config(head_dim: int, n: int, num_global: int, dtype: torch.dtype) -> dict:
+def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = min(64, max(16, triton.next_power_of_2(max(num_global, 1))))
     if SMALL_TILES:
@@ -820,7 +821,7 @@ def _config(head_dim: int, n: int, num_global: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
                     num_warps=4, num_stages=1)
     chunks = dict(CHUNK=1024 if n > 4096 else 512, Q_CHUNK=1024 if n > 4096 else 512)
-    if dtype == torch.float32:
+    if dot_prec == "ieee":
         # IEEE fp32 dots run on FMA units, whose operand layouts need far more registers than tensor-core tiles:
         # with 64 x 64 tiles every kernel spilled kilobytes per thread to local memory when compiled for sm_90
         # (`benchmarks/kernel_resources.py`). 32 x 32 tiles with 8 warps spill nothing for D <= 64 (at D = 128 the
@@ -828,6 +829,13 @@ def _config(head_dim: int, n: int, num_global: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, BLOCK_G=block_g, BWD_M=32, BWD_N=32, **chunks,
                     num_warps=8, num_stages=2)
     big_d = block_d > 64
+    if dot_prec == "tf32" and dtype_bytes == 4:
+        # TF32 tensor cores on fp32 tiles (twice the bytes of bf16): the bf16 configuration spilled in the backward
+        # and needed up to 197 KB of shared memory at D = 128 (more than an A100 has). These compile with at most 24
+        # bytes of spill (the forward at D = 128) in at most 100 KB. Chosen from compiled resources, not yet timed.
+        tn = 32 if big_d else 64
+        return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=tn, BLOCK_G=block_g, BWD_M=32, BWD_N=tn, **chunks,
+                    num_warps=4, num_stages=2)
     # Measured on H200 (Triton 3.6, B=4, N=16384, H=12, D=64, w=256, bf16): 64 x 64 tiles, 4 warps, 3 stages beat
     # 128 x 64 and 128 x 128 for the band (fewer wasted columns at the band's edges).
     return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, BLOCK_G=block_g, BWD_M=64, BWD_N=64, **chunks,
@@ -853,7 +861,12 @@ def _dummy(device) -> torch.Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """`tl.dot` precision. fp16 / bf16 products are exact in the tensor cores' fp32 accumulators (the name is then
+    immaterial); fp32 follows `torch.get_float32_matmul_precision()` as PyTorch's own matmuls do: "highest" (the
+    default) -> IEEE fp32 on the FMA units, "high" / "medium" -> TF32 tensor cores (about 1e-3 relative error)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _empty_out(shape, dtype, device) -> torch.Tensor:
@@ -872,7 +885,8 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     has_global = global_idx is not None and max_global > 0
     has_prefix = prefix_k is not None
     p = prefix_k.shape[1] if has_prefix else 0
-    cfg = _config(d, n, max_global if has_global else 0, q.dtype)
+    dot_prec = _dot_precision(q.dtype)
+    cfg = _config(d, n, max_global if has_global else 0, dot_prec, q.element_size())
     kind = _kind(key_padding_mask, global_idx if has_global else None, global_count, b, n, dev)
     out = _empty_out((b, n, h, d), q.dtype, dev)
     lse = _empty_out((b, h, n), torch.float32, dev)
@@ -885,7 +899,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     scale_log2 = scale * LOG2E
     inv_keep = 1.0 / (1.0 - dropout_p)
     common = dict(HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], HAS_PREFIX=has_prefix, HAS_DROPOUT=dropout_p > 0,
-                  DOT_PREC=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  DOT_PREC=dot_prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     pk = prefix_k if has_prefix else dummy
     pv = prefix_v if has_prefix else dummy
 
@@ -925,7 +939,8 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     has_global = global_idx is not None and max_global > 0 and q_global is not None
     has_prefix = prefix_k is not None
     p = prefix_k.shape[1] if has_prefix else 0
-    cfg = _config(d, n, max_global if has_global else 0, q.dtype)
+    dot_prec = _dot_precision(q.dtype)
+    cfg = _config(d, n, max_global if has_global else 0, dot_prec, q.element_size())
     kind = _kind(key_padding_mask, global_idx if has_global else None, global_count, b, n, dev)
     dq = _empty_out((b, n, h, d), q.dtype, dev)
     dk = _empty_out((b, n, h, d), q.dtype, dev)
@@ -945,7 +960,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     scale_log2 = scale * LOG2E
     inv_keep = 1.0 / (1.0 - dropout_p)
     kind_t = kind if kind is not None else dummy
-    common = dict(HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], HAS_DROPOUT=dropout_p > 0, DOT_PREC=_dot_precision(q.dtype),
+    common = dict(HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], HAS_DROPOUT=dropout_p > 0, DOT_PREC=dot_prec,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     delta = torch.empty((b, h, n), dtype=torch.float32, device=dev)

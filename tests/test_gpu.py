@@ -88,17 +88,14 @@ def _chunked(**kw):
     return chunked_attention(check_inputs(**kw))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CASES])
-def test_output_and_gradients_match_reference(backend, name, dtype):
-    _need(backend)
+def _check_against_reference(backend, name, dtype, atol, *, ieee_fp32):
     t, masks, window = _case(name, dtype)
     n = t["q"].shape[1]
     reference = dense_attention if n <= 2048 else _chunked
     go = torch.randn(t["q"].shape, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).to(dtype)
     out, grads = _run(lambda **kw: pk.longformer_attention(**kw, backend=backend), t, masks, window, dtype, go)
     ref, ref_grads = _run(reference, t, masks, window, torch.float64, go)
-    if dtype == torch.float32:
+    if ieee_fp32:
         base, base_grads = ref, [None] * 8  # IEEE fp32 kernels: compare to fp64 with the fp32 atol alone
     else:
         base, base_grads = _run(reference, t, masks, window, dtype, go)
@@ -112,9 +109,32 @@ def test_output_and_gradients_match_reference(backend, name, dtype):
         scale = max(1.0, r.abs().max().item())
         err = (a.double() - r).abs().max().item()
         base_err = 0.0 if b is None else (b.double() - r).abs().max().item()
-        assert err <= 2 * base_err + ATOL[dtype] * scale, f"{label}: err {err:.3g}, PyTorch {base_err:.3g}"
+        assert err <= 2 * base_err + atol * scale, f"{label}: err {err:.3g}, PyTorch {base_err:.3g}"
     for g in grads[:6]:
         assert (g[pad] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CASES])
+def test_output_and_gradients_match_reference(backend, name, dtype):
+    _need(backend)
+    _check_against_reference(backend, name, dtype, ATOL[dtype], ieee_fp32=dtype == torch.float32)
+
+
+@pytest.fixture
+def tf32_matmuls():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("name", ["base_2k", "d128_batch_prefix"])
+def test_triton_fp32_follows_float32_matmul_precision(tf32_matmuls, name):
+    """Under `torch.set_float32_matmul_precision("high")` the Triton kernels use TF32 as PyTorch's matmuls do: the
+    error stays within 2x that of the same computation in PyTorch (TF32 matmuls), plus TF32's rounding."""
+    _need("triton")
+    _check_against_reference("triton", name, torch.float32, 2e-3, ieee_fp32=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

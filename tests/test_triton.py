@@ -140,12 +140,30 @@ def test_fp16_error_within_twice_pytorch_fp16(name, window):
         assert err <= 2 * base_err + 2e-3 * max(1.0, r.abs().max().item()), (label, err, base_err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, dtype):
-    """The tiles a GPU uses (fp32: 32 x 32, 8 warps; fp16 / bf16: 64 x 64; key chunks of 512) through the
-    interpreter: several query tiles, band tiles inside and across the band's edge, 20 globals (more than one
-    global tile of 16), two key chunks, a prefix, padding."""
+@pytest.fixture
+def fp32_matmul_precision():
+    old = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(old)
+
+
+def test_fp32_dot_precision_follows_torch(fp32_matmul_precision):
+    fp32_matmul_precision("highest")
+    assert triton_attention._dot_precision(torch.float32) == "ieee"
+    fp32_matmul_precision("high")
+    assert triton_attention._dot_precision(torch.float32) == "tf32"
+    assert triton_attention._dot_precision(torch.float16) == "tf32"  # half precision: tensor cores either way
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"),
+                                             (torch.float16, "highest")])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision):
+    """The tiles a GPU uses (fp32 IEEE: 32 x 32, 8 warps; fp32 TF32: 64 x 64, backward 32 x 64; fp16 / bf16: 64 x 64;
+    key chunks of 512) through the interpreter (which computes TF32 dots in full fp32): several query tiles, band
+    tiles inside and across the band's edge, 20 globals (more than one global tile of 16), two key chunks, a
+    prefix, padding."""
     monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
+    fp32_matmul_precision(precision)
     case = dict(b=2, n=530, h=1, d=32, prefix=2, globals_={0: [0, 100, 101, 529], 1: list(range(3, 530, 27))},
                 pad={1: list(range(500, 530))})
     t, masks = make_case(**case)

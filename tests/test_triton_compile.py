@@ -28,24 +28,26 @@ MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
-@pytest.mark.parametrize("arch, dtype, head_dim, dropout", [
-    (90, "bfloat16", 64, 0.0),  # the headline configuration
-    (90, "float16", 128, 0.1),
-    (80, "float32", 32, 0.1),
+@pytest.mark.parametrize("arch, dtype, head_dim, dropout, fp32_precision", [
+    (90, "bfloat16", 64, 0.0, "highest"),  # the headline configuration
+    (90, "float16", 128, 0.1, "highest"),
+    (80, "float32", 32, 0.1, "highest"),  # IEEE fp32
+    (80, "float32", 128, 0.0, "high"),  # TF32
 ])
-def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout):
+def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout, fp32_precision):
     out = tmp_path / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile now, not from an earlier run's cache
-    r = subprocess.run([sys.executable, str(TOOL), "--arch", str(arch), "--dtype", dtype, "--head-dim",
-                        str(head_dim), "--dropout", str(dropout), "--json", str(out)],
-                       capture_output=True, text=True, env=env, timeout=900)
+    args = ["--arch", str(arch), "--dtype", dtype, "--head-dim", str(head_dim), "--dropout", str(dropout),
+            "--fp32-precision", fp32_precision, "--json", str(out)]
+    r = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=900)
     if r.returncode == 2:
         pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
     assert {row["kernel"] for row in rows} == KERNELS
     for row in rows:
-        assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype, head_dim)
+        tf32 = "-tf32" if dtype == "float32" and fp32_precision != "highest" else ""
+        assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype + tf32, head_dim)
         assert 0 < row["regs"] <= 255, row
         assert row["shared"] <= MAX_SHARED[arch], row
