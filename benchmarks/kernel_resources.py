@@ -129,7 +129,7 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float) -> list[dict]:
                     seen.add(name)
                     md = kernel.metadata
                     dt = str(dtype).removeprefix("torch.")
-                    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+                    if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
                         dt += "-tf32"
                     rows.append(dict(arch=f"sm_{arch}", dtype=dt, head_dim=d,
                                      dropout=dropout_p > 0, kernel=name, warps=md.num_warps, stages=md.num_stages,

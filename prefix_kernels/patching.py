@@ -176,8 +176,8 @@ def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch
     idx = idx.long()
     used = torch.arange(g, device=x.device)[None, :] < counts[:, None]
     rows = linear(x.gather(1, idx[..., None].expand(b, g, c)))
-    # Entries past a row's count hold arbitrary positions: they add zeros.
-    rows = rows * used[..., None].to(rows.dtype)
+    # Entries past a row's count hold arbitrary (distinct) positions: they add exact zeros.
+    rows = torch.where(used[..., None], rows, 0.0)
     return rows.new_zeros(b, n, rows.shape[-1]).scatter_add(1, idx[..., None].expand_as(rows), rows)
 
 

@@ -20,10 +20,11 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   four consecutive keys of a tile, and no counter repeats below 2**32 rows. A row is local or global, never both,
   so one counter space covers both probability matrices, and the backward regenerates exactly the forward's
   mask. Kept probabilities are scaled by `1 / (1 - p)`.
-* fp32 follows `torch.get_float32_matmul_precision()`, as PyTorch's own matmuls do: "highest" (the default) gives
+* fp32 follows PyTorch's fp32 matmul setting, as PyTorch's own matmuls do: by default (precision "highest")
   `tl.dot(..., input_precision="ieee")`, full fp32 products on the FMA units, matching the fp32 reference to
-  ~1e-5; "high" / "medium" give TF32 tensor cores (~1e-3). fp16/bf16 use tensor cores with fp32 accumulation;
-  probabilities and `dS` are rounded to the input dtype before their matmuls, as in FlashAttention.
+  ~1e-5; with TF32 matmuls enabled (`torch.set_float32_matmul_precision("high")`, `allow_tf32`,
+  `torch.backends.fp32_precision = "tf32"`) TF32 tensor cores (~1e-3). fp16/bf16 use tensor cores with fp32
+  accumulation; probabilities and `dS` are rounded to the input dtype before their matmuls, as in FlashAttention.
 * Tiles strictly inside the band skip the element mask; only columns that are global or padding are removed, by
   a per-column additive `0 / -inf` bias. Tiles crossing the band's edge (or the sequence end) use the full mask.
 * dK/dV of the keys every local query sees (global keys through the local `k, v`, and the prefix keys) are computed
@@ -860,11 +861,23 @@ def _dummy(device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
+def _fp32_matmuls_use_tf32() -> bool:
+    """Whether PyTorch's own fp32 CUDA matmuls use TF32 now. PyTorch >= 2.9 answers through
+    `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee", or "none" = the default, IEEE), which reflects
+    both its new API (`torch.backends.fp32_precision = "tf32"`, as `transformers`' `tf32=True` sets it) and the
+    legacy one (`torch.set_float32_matmul_precision`, `allow_tf32`); `torch.get_float32_matmul_precision()` raises
+    once the two have been mixed, so it is only read on older PyTorch."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` precision. fp16 / bf16 products are exact in the tensor cores' fp32 accumulators (the name is then
-    immaterial); fp32 follows `torch.get_float32_matmul_precision()` as PyTorch's own matmuls do: "highest" (the
-    default) -> IEEE fp32 on the FMA units, "high" / "medium" -> TF32 tensor cores (about 1e-3 relative error)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    immaterial); fp32 follows PyTorch's fp32 matmul setting, as PyTorch's own matmuls do: IEEE fp32 on the FMA
+    units by default, TF32 tensor cores (about 1e-3 relative error) when TF32 matmuls are enabled."""
+    if dtype == torch.float32 and not _fp32_matmuls_use_tf32():
         return "ieee"
     return "tf32"
 

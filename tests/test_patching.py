@@ -257,14 +257,22 @@ def test_torch_compile():
 
 
 def test_query_global_projects_only_the_global_rows():
-    """Like HF, the patched module runs `query_global` on the global rows only (row 0 has 2 globals, row 1 has 2):
-    an input of `(B, max globals, C)`, not `(B, N, C)`, with HF's numbers (checked above)."""
-    ours = patched_copy(build("LongformerModel"))
+    """Like HF, the patched module runs `query_global` on the global rows only: an input of `(B, max globals, C)`,
+    not `(B, N, C)`; rows with different counts (3 and 1) give HF's numbers, forward and backward."""
+    hf = build("LongformerModel")
+    ours = patched_copy(hf)
     shapes = []
     for layer in ours.encoder.layer:
         layer.attention.self.query_global.register_forward_hook(lambda mod, args, out: shapes.append(args[0].shape))
-    ours(**batch("LongformerModel"))
-    assert shapes == [torch.Size([2, 2, ours.config.hidden_size])] * ours.config.num_hidden_layers
+    inputs = batch("LongformerModel")
+    inputs["global_attention_mask"].zero_()
+    inputs["global_attention_mask"][0, [0, 9, 30]] = 1
+    inputs["global_attention_mask"][1, 5] = 1
+    want, want_grads = run(hf, inputs)
+    got, got_grads = run(ours, inputs)
+    assert shapes == [torch.Size([2, 3, ours.config.hidden_size])] * ours.config.num_hidden_layers
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=TOL, rtol=0)
+    assert_same_grads(got_grads, want_grads)
 
 
 def test_ddp_single_process(tmp_path):

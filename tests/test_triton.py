@@ -10,6 +10,9 @@ bf16 is not tested here (the interpreter computes it wrongly); `test_gpu.py` cov
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from dropout_masks import kernel_keep, philox_keep
@@ -147,24 +150,44 @@ def fp32_matmul_precision():
     torch.set_float32_matmul_precision(old)
 
 
-def test_fp32_dot_precision_follows_torch(fp32_matmul_precision):
-    fp32_matmul_precision("highest")
-    assert triton_attention._dot_precision(torch.float32) == "ieee"
-    fp32_matmul_precision("high")
-    assert triton_attention._dot_precision(torch.float32) == "tf32"
-    assert triton_attention._dot_precision(torch.float16) == "tf32"  # half precision: tensor cores either way
+def test_fp32_dot_precision_follows_torchs_matmul_setting():
+    """Through the legacy API (`set_float32_matmul_precision`) and the newer one (`fp32_precision`, which
+    `transformers`' `tf32=True` uses), mixed, in a fresh process (mixing them makes
+    `torch.get_float32_matmul_precision()` raise for the rest of the process)."""
+    script = """
+import torch
+from prefix_kernels.triton_attention import _dot_precision
+m = torch.backends.cuda.matmul
+got = [_dot_precision(torch.float32), _dot_precision(torch.bfloat16)]
+for p in ("high", "medium", "highest"):
+    torch.set_float32_matmul_precision(p)
+    got.append(_dot_precision(torch.float32))
+if hasattr(m, "fp32_precision"):
+    for p in ("tf32", "ieee"):
+        m.fp32_precision = p
+        got.append(_dot_precision(torch.float32))
+    m.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    got.append(_dot_precision(torch.float32))
+print(" ".join(got))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = r.stdout.split()
+    assert got[:5] == ["ieee", "tf32", "tf32", "tf32", "ieee"]
+    assert got[5:] in ([], ["tf32", "ieee", "tf32"])  # the newer API exists from PyTorch 2.9
 
 
-@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"),
-                                             (torch.float16, "highest")])
-def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision):
-    """The tiles a GPU uses (fp32 IEEE: 32 x 32, 8 warps; fp32 TF32: 64 x 64, backward 32 x 64; fp16 / bf16: 64 x 64;
-    key chunks of 512) through the interpreter (which computes TF32 dots in full fp32): several query tiles, band
-    tiles inside and across the band's edge, 20 globals (more than one global tile of 16), two key chunks, a
-    prefix, padding."""
+@pytest.mark.parametrize("dtype,precision,d", [(torch.float32, "highest", 32), (torch.float32, "high", 32),
+                                               (torch.float32, "high", 128), (torch.float16, "highest", 32)])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d):
+    """The tiles a GPU uses (fp32 IEEE: 32 x 32, 8 warps; fp32 TF32: 64 x 64, backward 32 x 64, at D = 128 64 x 32
+    and 32 x 32; fp16 / bf16: 64 x 64; key chunks of 512) through the interpreter (which computes TF32 dots in
+    full fp32): several query tiles, band tiles inside and across the band's edge, 20 globals (more than one
+    global tile of 16), two key chunks, a prefix, padding."""
     monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
     fp32_matmul_precision(precision)
-    case = dict(b=2, n=530, h=1, d=32, prefix=2, globals_={0: [0, 100, 101, 529], 1: list(range(3, 530, 27))},
+    case = dict(b=2, n=530, h=1, d=d, prefix=2, globals_={0: [0, 100, 101, 529], 1: list(range(3, 530, 27))},
                 pad={1: list(range(500, 530))})
     t, masks = make_case(**case)
     go = grad_out_like(t)
