@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .attention import BACKEND_ORDER, longformer_attention
+from .checks import _global_without_padding
 from .fused import global_index
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
@@ -133,7 +134,8 @@ def fused_self_attention(
     qg = kg = vg = None
     glob = None
     if is_global_attn and is_index_global_attn is not None:
-        qg = _global_rows_projection(module.query_global, hidden_states, is_index_global_attn).view(b, n, h, d)
+        qg = _global_rows_projection(module.query_global, hidden_states, is_index_global_attn, is_index_masked)
+        qg = qg.view(b, n, h, d)
         kg, vg = heads(module.key_global), heads(module.value_global)
         glob = is_index_global_attn
     prefix_k = prefix_v = None
@@ -162,13 +164,17 @@ def fused_self_attention(
     return out.reshape(b, n, c)
 
 
-def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch.Tensor) -> torch.Tensor:
-    """`linear(x)` on the global rows of `x (B, N, C)`, zeros elsewhere: the op reads `q_global` on global rows
-    only, so (as in HF) only those rows are projected, sparing a full `(B, N, C)` matmul, its activation and its
-    weight-gradient matmul. The compact index costs one host read per mask tensor, shared with the op and every
-    layer; under `torch.compile` (where that read would break the graph) the whole projection runs instead."""
+def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch.Tensor,
+                            pad: torch.Tensor | None) -> torch.Tensor:
+    """`linear(x)` on the global rows of `x (B, N, C)`, zeros elsewhere: the op reads `q_global` on global,
+    non-padding rows only, so (as in HF) only those rows are projected, sparing a full `(B, N, C)` matmul, its
+    activation and its weight-gradient matmul. The compact index is the op's own (same combined mask, same cache):
+    one host read per forward pass, shared by every layer. Under `torch.compile` (where that read would break the
+    graph) the whole projection runs instead."""
     if torch.compiler.is_compiling():
         return linear(x)
+    if pad is not None:
+        is_global = _global_without_padding(is_global, pad)
     idx, counts, g = global_index(is_global)
     if g == 0:
         return linear(x)
