@@ -177,27 +177,40 @@ def _band_tiles(start, N, window, FIXED: tl.constexpr, STEP: tl.constexpr):
 
 
 @triton.jit
+def _band_key_tile(k_base, v_base, KIND, b, rows, n0, N, window, skn, svn, offs_d, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_KIND: tl.constexpr):
+    """The band key tile `n0 + arange(BLOCK_N)` seen from the query rows `rows`: `k, v`, the per-column bias (0 for
+    local keys, -inf for global or padding ones; used with `HAS_KIND`) and the element mask (used with `EDGE`).
+    The unused ones are placeholders that the compiler drops."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if EDGE:
+        k = _load_rows(k_base, cols, skn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
+    else:
+        k = _load_rows_in_range(k_base, cols, skn, offs_d, HEAD_DIM, BLOCK_D)
+        v = _load_rows_in_range(v_base, cols, svn, offs_d, HEAD_DIM, BLOCK_D)
+    if HAS_KIND:
+        ck = tl.load(KIND + b * N + cols, mask=col_ok, other=KIND_PAD)
+        col_bias = tl.where(ck == KIND_LOCAL, 0.0, float("-inf"))
+    else:
+        col_bias = tl.zeros([BLOCK_N], tl.float32)
+    if EDGE:
+        valid = col_ok[None, :] & (tl.abs(rows[:, None] - cols[None, :]) <= window)
+    else:
+        valid = col_ok[None, :]
+    return k, v, col_bias, valid
+
+
+@triton.jit
 def _local_fwd_band(acc, m_i, l_i, q, k_base, v_base, KIND, b, bh, rows, start, end, N, window, skn, svn, offs_d,
                     scale_log2, seed, dropout_p, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """Band key tiles `[start, end)` of the online softmax (`EDGE`: tiles that need the element mask)."""
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        if EDGE:
-            k = _load_rows(k_base, cols, skn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
-            v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
-        else:
-            k = _load_rows_in_range(k_base, cols, skn, offs_d, HEAD_DIM, BLOCK_D)
-            v = _load_rows_in_range(v_base, cols, svn, offs_d, HEAD_DIM, BLOCK_D)
-        col_bias = None
-        if HAS_KIND:
-            ck = tl.load(KIND + b * N + cols, mask=col_ok, other=KIND_PAD)
-            col_bias = tl.where(ck == KIND_LOCAL, 0.0, float("-inf"))
-        valid = None
-        if EDGE:
-            valid = col_ok[None, :] & (tl.abs(rows[:, None] - cols[None, :]) <= window)
+        k, v, col_bias, valid = _band_key_tile(k_base, v_base, KIND, b, rows, n0, N, window, skn, svn, offs_d,
+                                               HEAD_DIM, BLOCK_D, BLOCK_N, EDGE, HAS_KIND)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, col_bias, scale_log2, seed, bh, rows,
                                              n0, dropout_p, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT, True)
     return acc, m_i, l_i
@@ -423,21 +436,8 @@ def _local_dq_band(dq, q, do, lse, delta, k_base, v_base, KIND, b, bh, rows, sta
                    DOT_PREC: tl.constexpr):
     """Unscaled dQ of a row tile from the band key tiles `[start, end)`."""
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        if EDGE:
-            k = _load_rows(k_base, cols, skn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
-            v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_DIM, BLOCK_D)
-        else:
-            k = _load_rows_in_range(k_base, cols, skn, offs_d, HEAD_DIM, BLOCK_D)
-            v = _load_rows_in_range(v_base, cols, svn, offs_d, HEAD_DIM, BLOCK_D)
-        col_bias = None
-        if HAS_KIND:
-            ck = tl.load(KIND + b * N + cols, mask=col_ok, other=KIND_PAD)
-            col_bias = tl.where(ck == KIND_LOCAL, 0.0, float("-inf"))
-        valid = None
-        if EDGE:
-            valid = col_ok[None, :] & (tl.abs(rows[:, None] - cols[None, :]) <= window)
+        k, v, col_bias, valid = _band_key_tile(k_base, v_base, KIND, b, rows, n0, N, window, skn, svn, offs_d,
+                                               HEAD_DIM, BLOCK_D, BLOCK_N, EDGE, HAS_KIND)
         _, ds = _probs_and_dscores(q, do, k, v, lse, delta, valid, col_bias, scale_log2, seed, bh, rows, n0,
                                    dropout_p, inv_keep, DOT_PREC, EDGE, HAS_KIND, HAS_DROPOUT, True)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
