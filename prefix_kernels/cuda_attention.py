@@ -6,7 +6,7 @@ contract and `csrc/longformer_attention.cuh` for the kernel design. This module
 
 * loads it lazily and says why it cannot (`unavailable_reason`, `cannot_serve`: the backend-module interface
   of `prefix_kernels.attention`);
-* wraps the two launchers as `forward` / `backward`, the contract the shared custom op in `prefix_kernels.fused`
+* wraps the two launchers as `forward` / `backward`, the contract the shared custom op in `prefix_kernels.custom_op`
   calls: it allocates outputs and fp32 workspaces with torch and runs on `torch.cuda.current_stream()`.
 
 `lse` is `(B, H, N)` fp32 in the log2 domain of the scaled scores (`+inf` for padding rows and rows with no
@@ -129,7 +129,7 @@ def cannot_serve(args: AttentionArgs) -> str | None:
 
 
 def attention(args: AttentionArgs) -> torch.Tensor:
-    from .fused import fused_attention
+    from .custom_op import fused_attention
 
     return fused_attention(args, "cuda")
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from .attention import BACKEND_ORDER, longformer_attention
 from .checks import _global_without_padding
-from .fused import global_index
+from .custom_op import global_index
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
 

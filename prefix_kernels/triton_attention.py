@@ -2,7 +2,7 @@
 
 Read top to bottom: shared device helpers, the forward kernels (local rows, global rows, the log-sum-exp merge),
 the backward kernels (preprocess, local-row dQ, band-key dK/dV, global-key dK/dV, global rows, row scatter), the
-launchers `forward` / `backward` (the launcher contract of `prefix_kernels.fused`), then the backend-module functions
+launchers `forward` / `backward` (contract: `prefix_kernels.custom_op`), then the backend-module functions
 `unavailable_reason`, `cannot_serve`, `attention`.
 
 Layout: `q, k, v, q_global, k_global, v_global, O` are `(B, N, H, D)` (any strides, unit stride along `D`), the
@@ -801,7 +801,7 @@ def _scatter_global_rows_kernel(SRC, GIDX, GCNT, DST, sdb, sdn, sdh, H, gidx_str
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Launchers (contract: `prefix_kernels.fused`)
+# Launchers (contract: `prefix_kernels.custom_op`)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -1073,7 +1073,7 @@ def cannot_serve(args) -> str | None:
 
 
 def attention(args) -> torch.Tensor:
-    from .fused import fused_attention
+    from .custom_op import fused_attention
 
     return fused_attention(args, "triton")
 

@@ -18,7 +18,7 @@ import torch
 from dropout_masks import kernel_keep, philox_keep
 
 import prefix_kernels as pk
-from prefix_kernels import fused, reference, triton_attention
+from prefix_kernels import custom_op, reference, triton_attention
 from prefix_kernels.attention import select_backend
 from prefix_kernels.checks import check_inputs
 from prefix_kernels.reference import dense_attention
@@ -358,21 +358,21 @@ def test_custom_op_opcheck():
     a = check_inputs(**{k: v.float().requires_grad_() for k, v in t.items()}, **masks, window=3)
     args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, a.key_padding_mask,
             a.is_global, None, "triton", a.window, a.softmax_scale, 0.0)
-    torch.library.opcheck(fused.fused_attention_fwd, args)
+    torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 
 def test_global_index_is_cached_per_tensor_and_version():
     is_global = torch.zeros(2, 10, dtype=torch.bool)
     is_global[0, [2, 5]] = True
     is_global[1, 7] = True
-    idx, count, g = fused.global_index(is_global)
+    idx, count, g = custom_op.global_index(is_global)
     assert g == 2 and idx.dtype == torch.int32 and idx.is_contiguous()
     assert idx[0].tolist() == [2, 5] and idx[1, 0].item() == 7 and count.tolist() == [2, 1]
-    assert fused.global_index(is_global)[0] is idx  # no recomputation, no host read
+    assert custom_op.global_index(is_global)[0] is idx  # no recomputation, no host read
     is_global[1, 9] = True  # in place: bumps _version
-    idx2, count2, _ = fused.global_index(is_global)
+    idx2, count2, _ = custom_op.global_index(is_global)
     assert idx2 is not idx and idx2[1].tolist() == [7, 9] and count2.tolist() == [2, 2]
-    assert fused.global_index(torch.zeros(2, 10, dtype=torch.bool)) == (None, None, 0)
+    assert custom_op.global_index(torch.zeros(2, 10, dtype=torch.bool)) == (None, None, 0)
 
 
 def test_no_global_token_with_projections_gives_zero_projection_gradients():

@@ -1,4 +1,4 @@
-"""The fused-op layer shared by the fused backends (`triton_attention`, `cuda_attention`).
+"""The custom-op and autograd layer shared by the fused backends (`triton_attention`, `cuda_attention`).
 
 Two `torch.library` custom ops, `prefix_kernels::fused_attention_fwd` and `prefix_kernels::fused_attention_bwd`,
 take a `backend: str` and call that backend module's launchers. They carry `register_fake` (shapes only) and one
