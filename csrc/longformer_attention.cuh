@@ -2,8 +2,8 @@
 //
 // Design note
 // -----------
-// Semantics: /work/shared/SPEC.md sections 2-3 and prefix_kernels/reference.py. Three parts, so that no
-// program walks all N keys alone:
+// Semantics: prefix_kernels/reference.py (its docstring states them, with the mask picture). Three parts, so
+// that no program walks all N keys alone:
 //   1. local rows forward: one warp per (b, h, query row). Keys: the band |i-j| <= w (band columns that are
 //      global or padding are skipped), then the row's global keys gathered through `global_idx` (LOCAL k, v),
 //      then the P prefix keys; one online softmax in fp32. Writes O (input dtype) and the log2-domain LSE.

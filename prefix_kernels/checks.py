@@ -51,9 +51,6 @@ class AttentionArgs:
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
-    def tensors(self) -> list[torch.Tensor]:
-        names = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
-        return [t for t in (getattr(self, n) for n in names) if t is not None]
 
 
 def _check_tensor(name: str, t, shape: tuple[int, ...], ref: torch.Tensor) -> None:

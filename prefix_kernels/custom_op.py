@@ -118,9 +118,6 @@ def _fused_attention_fwd_fake(q, k, v, q_global, k_global, v_global, prefix_k, p
     return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-_GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
-
-
 @torch.library.custom_op("prefix_kernels::fused_attention_bwd", mutates_args=())
 def fused_attention_bwd(
     grad_out: Tensor,

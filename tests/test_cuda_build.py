@@ -9,9 +9,9 @@ minute on two cores) and points `PREFIX_KERNELS_CUDA_LIB` at it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,25 +24,26 @@ from prefix_kernels.checks import check_inputs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+@functools.cache
+def _setup_module():
+    """`setup.py` as a module (its `setup()` call stubbed out), for its nvcc lookup and library build."""
+    import setuptools
+
+    spec = importlib.util.spec_from_file_location("_pk_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    saved_setup = setuptools.setup
+    try:
+        setuptools.setup = lambda **kwargs: None
+        spec.loader.exec_module(module)
+    finally:
+        setuptools.setup = saved_setup
+    return module
 
 
 def _clear_caches():
     """Forget the loaded library and the dispatcher's cached reason, so that a new library path takes effect."""
     cuda_attention._load.cache_clear()
-    reasons = getattr(attention, "_REASONS", None)
-    if isinstance(reasons, dict):
-        reasons.pop("cuda", None)
-    elif hasattr(attention._unavailable, "cache_clear"):
-        attention._unavailable.cache_clear()
+    attention._REASONS.pop("cuda", None)
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +51,20 @@ def lib_path(tmp_path_factory) -> Path:
     path = cuda_attention.library_path()
     if path.is_file():
         return path
-    if _nvcc() is None:
-        pytest.skip(f"CUDA library not built ({path}) and nvcc not found: nothing to check")
     if not (ROOT / "setup.py").is_file() or not (ROOT / "csrc").is_dir():
         pytest.skip("CUDA library not built and no source checkout to build it from")
-    # build it from csrc with setup.py's own function (setup() itself stubbed out), one architecture
-    import setuptools
-
-    spec = importlib.util.spec_from_file_location("_pk_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    saved_setup, saved_env = setuptools.setup, dict(os.environ)
+    setup = _setup_module()
+    nvcc = setup._find_nvcc()
+    if nvcc is None:
+        pytest.skip(f"CUDA library not built ({path}) and nvcc not found: nothing to check")
+    # build it from csrc with setup.py's own function, one architecture
+    saved_env = dict(os.environ)
     try:
-        setuptools.setup = lambda **kwargs: None
         os.environ["PREFIX_KERNELS_CUDA_ARCHS"] = "90"
         os.environ["PREFIX_KERNELS_BUILD_CUDA"] = "1"
-        os.environ.setdefault("CUDA_HOME", str(Path(_nvcc()).parents[1]))
-        spec.loader.exec_module(module)
-        built = module.build_cuda_library(tmp_path_factory.mktemp("cudalib"))
+        os.environ.setdefault("CUDA_HOME", str(Path(nvcc).parents[1]))
+        built = setup.build_cuda_library(tmp_path_factory.mktemp("cudalib"))
     finally:
-        setuptools.setup = saved_setup
         os.environ.clear()
         os.environ.update(saved_env)
     assert built is not None and built.is_file(), "nvcc is available but the CUDA library did not build"
