@@ -50,12 +50,14 @@ class _Backbone:
     def __init__(self, model: nn.Module):
         from transformers.models.longformer.modeling_longformer import LongformerModel
 
-        try:
-            from transformers.models.led.modeling_led import LEDEncoder, LEDModel
-        except ImportError:  # an install without LED
-            LEDEncoder = LEDModel = ()  # noqa: N806
+        from .patching import _LED, _attention_modules, _hf_classes
 
-        from .patching import _attention_modules
+        # HF's own class: while the classes are patched, the module-level name is the patched subclass.
+        LEDEncoder = _hf_classes("encoder").get(f"{_LED}:LEDEncoder", ())  # noqa: N806
+        try:
+            from transformers.models.led.modeling_led import LEDModel
+        except ImportError:  # an install without LED
+            LEDModel = ()  # noqa: N806
 
         base = next((m for m in model.modules() if isinstance(m, (LongformerModel, LEDEncoder))), None)
         if base is None:
