@@ -19,6 +19,7 @@ _LAZY = {
     "apply_prefix_tuning": "prefix",
     "save_prefix": "prefix",
     "load_prefix": "prefix",
+    "from_pretrained_with_prefix": "prefix",
     "PrefixPropagation": "prefix",
     "PrefixTuning": "prefix",
 }
