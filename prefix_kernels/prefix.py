@@ -512,13 +512,27 @@ def apply_prefix_tuning(
 
 
 def save_prefix(model: nn.Module, path) -> None:
-    """Save the trainable parameters of `model` (the prefix and the task head) to a safetensors file."""
+    """Save the trainable parameters of `model` (the prefix and the task head) to a safetensors file.
+
+    In a distributed run call it on every rank: parameters sharded by FSDP2 (`fully_shard`) are gathered (a
+    collective), and only rank 0 writes. A `DistributedDataParallel` wrapper is looked through.
+    """
     from safetensors.torch import save_file
 
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     prefix = _existing_prefix(model)
     if prefix is None:
         raise ValueError("this model has no prefix: call apply_prefix_propagation or apply_prefix_tuning first")
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2)
+                t = t.full_tensor()
+            tensors[n] = t.contiguous().cpu()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
     metadata = {"method": prefix.method, "num_prefix": str(prefix.num_prefix)}
     if isinstance(prefix, PrefixPropagation):
         metadata["pool_prefix"] = str(prefix.pool_prefix)
