@@ -191,9 +191,9 @@ def fused_self_attention(
 
 @torch.compiler.disable
 def _reference_outside_the_graph(q, k, v, **kwargs) -> torch.Tensor:
-    """The reference backend under `torch.compile`: it sizes its tensors by the global count (a host read), which
-    no compiler can lower, so it runs eagerly between two graphs (a graph break; `fullgraph=True` needs a fused
-    backend)."""
+    """The reference backend under `torch.compile`: it sizes its tensors by the global count (a host read), a
+    data-dependent size inductor cannot lower, so it runs eagerly between two graphs (a graph break;
+    `fullgraph=True` needs a fused backend)."""
     return longformer_attention(q, k, v, **kwargs)
 
 

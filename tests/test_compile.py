@@ -146,9 +146,9 @@ def test_inductor(backend):
 
 
 def test_reference_backend_runs_between_graphs():
-    """The reference backend sizes its tensors by the global count (a host read) that no compiler lowers: under
-    `torch.compile` it runs eagerly between graphs (eager's numbers, forward and backward), and `fullgraph=True`
-    says so instead of tracing it."""
+    """The reference backend sizes its tensors by the global count (a host read; inductor cannot lower such
+    sizes): under `torch.compile` it runs eagerly between graphs (eager's numbers, forward and backward), and
+    `fullgraph=True` says so instead of tracing it."""
     model, _ = make("LongformerForSequenceClassification", "propagation", "reference")
     eager = copy.deepcopy(model)
     inputs = inputs_for("LongformerForSequenceClassification")
