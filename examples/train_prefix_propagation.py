@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import prefix_kernels as pk
+from prefix_kernels.attention import BACKEND_ORDER
 
 # task -> (HF dataset, config, text field, label field, split names (train, validation, test))
 TASKS = {
@@ -257,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ece-bins", type=int, default=10)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (the paper trained in fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"))
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_ORDER))
     p.add_argument("--output-dir", default="prefix_propagation_out")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--synthetic-docs", type=int, default=256)

@@ -5,7 +5,7 @@ self-attention; `apply_prefix_propagation` / `apply_prefix_tuning` add the param
 The Hugging Face glue is imported lazily, so `import prefix_kernels` does not import transformers.
 """
 
-from .attention import available_backends, longformer_attention
+from .attention import auto_skips, available_backends, longformer_attention
 
 __version__ = "0.1.0"
 
@@ -19,11 +19,12 @@ _LAZY = {
     "apply_prefix_tuning": "prefix",
     "save_prefix": "prefix",
     "load_prefix": "prefix",
+    "from_pretrained_with_prefix": "prefix",
     "PrefixPropagation": "prefix",
     "PrefixTuning": "prefix",
 }
 
-__all__ = ["longformer_attention", "available_backends", *_LAZY]
+__all__ = ["longformer_attention", "available_backends", "auto_skips", *_LAZY]
 
 
 def __getattr__(name: str):

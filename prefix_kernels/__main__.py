@@ -1,5 +1,5 @@
-"""`python -m prefix_kernels`: environment report, then one random Longformer layer through HF and every
-available backend (max error against HF, time, peak memory). `python -m prefix_kernels demo [...]` runs the
+"""`python -m prefix_kernels`: environment report, then one random Longformer layer through HF and the chosen
+backends (max error against HF, time, peak memory). `python -m prefix_kernels demo [...]` runs the
 prefix-propagation training demo (`prefix_kernels.demo`).
 """
 
@@ -13,8 +13,58 @@ import time
 
 import torch
 
-from . import __version__, available_backends, longformer_attention
+from . import __version__, auto_skips, available_backends, longformer_attention
+from .attention import BACKEND_ORDER, select_backend
+from .checks import check_inputs
 from .memory import peak_memory
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, every option's default after its help (a `None` default depends on the
+    device: the help says how)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def device_arg(text: str) -> torch.device:
+    """A device this machine has: `cpu`, `cuda` or `cuda:N` (checked here, not by a traceback later)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (try 'cpu' or 'cuda')") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use 'cpu')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only 'cpu' and 'cuda' devices are supported")
+    return device
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _version(name: str) -> str:
@@ -35,8 +85,12 @@ def environment_report(device: torch.device) -> list[str]:
         lines.append(f"device: {device} ({props.name}, sm_{props.major}{props.minor}, {props.total_memory >> 20} MiB)")
     else:
         lines.append(f"device: {device} (no CUDA device)")
+    skipped = auto_skips()
     for name, why in available_backends().items():
-        lines.append(f"  backend {name:<9} {'available' if why is None else 'unavailable: ' + why}")
+        state = "available" if why is None else "unavailable: " + why
+        if why is None and name in skipped:
+            state += f" ({skipped[name]})"
+        lines.append(f"  backend {name:<9} {state}")
     return lines
 
 
@@ -56,8 +110,8 @@ def _time(fn, device: torch.device, repeat: int) -> float:
 
 
 def layer_comparison(device: torch.device, dtype: torch.dtype, *, batch: int, seq_len: int, hidden: int,
-                     heads: int, window: int, n_global: int, repeat: int) -> list[str]:
-    """One random `LongformerSelfAttention` layer through HF and through each available backend."""
+                     heads: int, window: int, n_global: int, repeat: int, backends: list[str]) -> list[str]:
+    """One random `LongformerSelfAttention` layer through HF and through each of `backends`."""
     from transformers.models.longformer.modeling_longformer import LongformerConfig, LongformerSelfAttention
 
     torch.manual_seed(0)
@@ -88,10 +142,7 @@ def layer_comparison(device: torch.device, dtype: torch.dtype, *, batch: int, se
             return out.reshape(batch, seq_len, hidden)
         return run
 
-    rows = [("hf (eager)", hf)]
-    for name, why in available_backends().items():
-        if why is None:
-            rows.append((name, ours(name)))
+    rows = [("hf (eager)", hf)] + [(name, ours(name)) for name in backends]
     with torch.no_grad():
         expected = hf().float()
         table = [f"{'implementation':<14} {'max |err| vs HF':>16} {'time (ms)':>10} {'peak extra (MB)':>16}"]
@@ -109,19 +160,52 @@ def layer_comparison(device: torch.device, dtype: torch.dtype, *, batch: int, se
     return [head, *table]
 
 
+def chosen_backends(choice: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends `--backend` names: "all" = every usable backend that `auto` may pick (the Triton interpreter
+    only when named), "auto" = the one it picks for this device and dtype, else the one named."""
+    if choice == "all":
+        skipped = auto_skips()
+        return [name for name, why in available_backends().items() if why is None and name not in skipped]
+    if choice == "auto":
+        x = torch.zeros(1, 16, 1, 8, device=device, dtype=dtype)
+        return [select_backend(check_inputs(x, x, x, window=4), "auto")]
+    return [choice]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m prefix_kernels", description=__doc__, formatter_class=HelpFormatter,
+        epilog="python -m prefix_kernels demo --help: the training demo's options")
+    parser.add_argument("--device", type=device_arg, default=default_device(),
+                        help="where the layer runs: cpu, cuda or cuda:N")
+    parser.add_argument("--backend", choices=("all", "auto", *BACKEND_ORDER), default="all",
+                        help="backends compared with HF: 'all' = every one 'auto' may pick here (the Triton "
+                             "interpreter only when named), 'auto' = the one it picks, or one by name")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per sequence, a multiple of 2 * window (HF's layer needs it); default 4096 on "
+                             "CUDA (longformer-base layer, bf16), 1024 on a CPU (a small fp32 layer)")
+    parser.add_argument("--repeat", type=positive_int, default=None,
+                        help="timed calls per implementation (the median is reported); default 20 on CUDA, 3 on a CPU")
+    opts = parser.parse_args(argv)
+    window = 256 if opts.device.type == "cuda" else 64
+    if opts.seq_len is not None and opts.seq_len % (2 * window):
+        parser.error(f"--seq-len must be a multiple of {2 * window} (2 * window) on {opts.device.type}, "
+                     f"got {opts.seq_len}")
+    if opts.backend not in ("all", "auto"):
+        why = available_backends()[opts.backend]
+        if why is not None:
+            parser.error(f"--backend {opts.backend} is not available here: {why}")
+    return opts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m prefix_kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=None)
-    opts = parser.parse_args(argv)
-    device = torch.device(opts.device)
+    opts = parse_args(argv)
+    device = opts.device
     print("\n".join(environment_report(device)))
     print()
     if device.type == "cuda":  # longformer-base sized
@@ -132,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = dict(batch=2, seq_len=opts.seq_len or 1024, hidden=256, heads=4, window=64, n_global=5,
                      repeat=opts.repeat or 3)
         dtype = torch.float32
-    print("\n".join(layer_comparison(device, dtype, **shape)))
+    backends = chosen_backends(opts.backend, device, dtype)
+    print("\n".join(layer_comparison(device, dtype, **shape, backends=backends)))
     return 0
 
 

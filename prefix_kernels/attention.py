@@ -6,8 +6,10 @@ Each backend is a module with three functions:
 * `cannot_serve(args: AttentionArgs) -> str | None`: why it cannot serve this particular call;
 * `attention(args: AttentionArgs) -> Tensor`: the result, `(B, N, H, D)` in `q.dtype`.
 
-`backend="auto"` takes the first of `BACKEND_ORDER` that can serve the call; an explicit backend that cannot
-serve raises `ValueError` with the reason. `PREFIX_KERNELS_BACKEND` overrides the `backend` argument.
+`backend="auto"` takes the first of `BACKEND_ORDER` that can serve the call, except a backend that only emulates
+its kernels (Triton's interpreter, `TRITON_INTERPRET=1`: thousands of times slower than the reference backend); an
+explicit backend that cannot serve raises `ValueError` with the reason, and an explicit `"triton"` still runs the
+interpreter. `PREFIX_KERNELS_BACKEND` overrides the `backend` argument.
 """
 
 from __future__ import annotations
@@ -57,8 +59,28 @@ def _unavailable(name: str) -> str | None:
 
 
 def available_backends() -> dict[str, str | None]:
-    """`{"cuda": None | "why not", "triton": ..., "reference": None}`: `None` means usable on this machine."""
+    """`{"cuda": None | "why not", "triton": ..., "reference": None}`: `None` means usable on this machine.
+
+    Usable is not the same as chosen by `auto`: see `auto_skips()`.
+    """
     return {name: _unavailable(name) for name in BACKEND_ORDER}
+
+
+@torch.compiler.assume_constant_result
+def _auto_skip_reason(name: str) -> str | None:
+    if name != "triton" or _unavailable(name) is not None:
+        return None
+    module, _ = _load(name)
+    if getattr(module, "INTERPRET", os.environ.get("TRITON_INTERPRET") == "1"):
+        return ("runs under Triton's interpreter (TRITON_INTERPRET=1), which 'auto' never picks; "
+                "pass backend='triton' to run it")
+    return None
+
+
+def auto_skips() -> dict[str, str]:
+    """`{name: why}` for the usable backends that `auto` never picks here (Triton under `TRITON_INTERPRET=1`)."""
+    reasons = {name: _auto_skip_reason(name) for name in BACKEND_ORDER}
+    return {name: why for name, why in reasons.items() if why is not None}
 
 
 def _why_not(name: str, args: AttentionArgs) -> str | None:
@@ -81,7 +103,7 @@ def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
         return backend
     reasons = {}
     for name in BACKEND_ORDER:
-        why = _why_not(name, args)
+        why = _auto_skip_reason(name) or _why_not(name, args)
         if why is None:
             return name
         reasons[name] = why
@@ -116,7 +138,8 @@ def longformer_attention(
         prefix_k, prefix_v: `(B, P, H, D)` or `(P, H, D)` prefix-tuning keys/values seen by every query.
         softmax_scale: defaults to `D ** -0.5`.
         dropout_p: attention dropout on both probability matrices (pass 0 in eval).
-        backend: "auto" | "cuda" | "triton" | "reference"; env `PREFIX_KERNELS_BACKEND` overrides.
+        backend: "auto" | a name in `BACKEND_ORDER`; env `PREFIX_KERNELS_BACKEND` overrides. `auto` takes the
+            first backend that can serve the call, never Triton's interpreter.
 
     Returns:
         `(B, N, H, D)` in `q.dtype`; padding rows and rows with no admissible key are 0.

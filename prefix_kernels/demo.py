@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .attention import select_backend
+from .attention import BACKEND_ORDER, available_backends, select_backend
 from .checks import check_inputs
 from .memory import peak_memory
 
@@ -153,27 +153,40 @@ def train_run(label: str, model, train, test, args, device) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m prefix_kernels demo", description=__doc__.split("\n\n")[0])
+    from .__main__ import HelpFormatter, default_device, device_arg, positive_float, positive_int
+
+    parser = argparse.ArgumentParser(prog="python -m prefix_kernels demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None, help="HF model name or path (default: a small random Longformer)")
-    parser.add_argument("--method", choices=("propagation", "tuning"), default="propagation")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-prefix", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--vocab", type=int, default=12, help="vocabulary of the random model (8 + filler types)")
-    parser.add_argument("--init-range", type=float, default=0.125, help="weight std of the random model")
-    parser.add_argument("--train-docs", type=int, default=1024)
-    parser.add_argument("--test-docs", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=("propagation", "tuning"), default="propagation",
+                        help="prefix-propagation (the paper's method) or prefix-tuning")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per document (at least 12)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (at least 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="documents per step")
+    parser.add_argument("--num-prefix", type=positive_int, default=8, help="P, the number of prefix slots")
+    parser.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate")
+    parser.add_argument("--vocab", type=positive_int, default=12,
+                        help=f"vocabulary of the random model ({FILLER} special tokens + filler types; at least "
+                             f"{FILLER + 1})")
+    parser.add_argument("--init-range", type=positive_float, default=0.125, help="weight std of the random model")
+    parser.add_argument("--train-docs", type=positive_int, default=1024, help="training documents")
+    parser.add_argument("--test-docs", type=positive_int, default=256, help="test documents")
+    parser.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N")
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKEND_ORDER),
+                        help="attention backend of the patched model ('auto' never picks the Triton interpreter)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training")
     parser.add_argument("--no-hf", action="store_true", help="skip the run with HF's own attention")
     args = parser.parse_args(argv)
     if args.steps < 2:
-        parser.error("--steps must be at least 2")
+        parser.error(f"--steps must be at least 2, got {args.steps}")
     if args.seq_len < 3 * 4:
-        parser.error("--seq-len is too short for three cues")
+        parser.error(f"--seq-len must be at least 12 (three cues), got {args.seq_len}")
+    if args.vocab <= FILLER:
+        parser.error(f"--vocab must be at least {FILLER + 1} ({FILLER} special tokens and a filler), got {args.vocab}")
+    if args.backend != "auto":
+        why = available_backends()[args.backend]
+        if why is not None:
+            parser.error(f"--backend {args.backend} is not available here: {why}")
     return args
 
 
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from .patching import unpatch_longformer
 
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     torch.manual_seed(args.seed)
     base = build_model(args)
     vocab = min(args.vocab, base.config.vocab_size)

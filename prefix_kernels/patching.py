@@ -14,45 +14,63 @@ The patched `forward` accepts both call conventions: transformers 4.x passes `la
 probabilities are multiplied by it, i.e. each head's output row is scaled), 5.x does not; LED calls with
 `hidden_states=` by keyword. `output_attentions=True` needs HF's probability layouts, so that call runs the
 original HF forward.
+
+Compiling and exporting. HF's encoders (`LongformerEncoder`, `LEDEncoder`) read one batch-wide flag back to the
+host, `is_index_global_attn.flatten().any().item()`, and branch on it; the patched attention does not need it
+(the op handles a batch without global tokens itself). Patching also swaps each encoder's class for a subclass
+whose `forward`, while `torch.compile` or an exporter traces it, runs HF's own `forward` with that `.item()`
+answering the Python constant `True`: the graph then has no host read and no branch on the masks, so changing
+only the masks never recompiles. While an exporter traces (`torch.export`, `torch.onnx.export`), the patched
+attention computes through `export.static_attention` (static shapes, standard ops) instead of the custom ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .attention import BACKEND_ORDER, longformer_attention
-from .checks import _global_without_padding
+from .attention import BACKEND_ORDER, longformer_attention, select_backend
+from .checks import _global_without_padding, check_inputs
 from .custom_op import global_index
+from .export import is_exporting, static_attention
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
 
-# Where the HF self-attention classes live, and which module-level name each model's `__init__` looks up.
-_HF_LOCATIONS = (
-    ("transformers.models.longformer.modeling_longformer", "LongformerSelfAttention"),
-    ("transformers.models.led.modeling_led", "LEDEncoderSelfAttention"),
-)
+# Where the HF classes live, and which module-level name each model's `__init__` looks up.
+_LONGFORMER = "transformers.models.longformer.modeling_longformer"
+_LED = "transformers.models.led.modeling_led"
+_HF_LOCATIONS = {
+    "attention": ((_LONGFORMER, "LongformerSelfAttention"), (_LED, "LEDEncoderSelfAttention")),
+    "encoder": ((_LONGFORMER, "LongformerEncoder"), (_LED, "LEDEncoder")),
+}
 _ORIGINALS: dict[str, type] = {}  # "module:name" -> the HF class, recorded before any class patch
-_PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its fused subclass
+_PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its patched subclass
+# The config attribute `apply_prefix_*` writes (saved in config.json by `save_pretrained`).
+PREFIX_CONFIG_KEY = "prefix_kernels"
 
 
-def _hf_classes() -> dict[str, type]:
-    """The original HF self-attention classes by location, importing only those the installed version has."""
+def _hf_classes(kind: str = "attention") -> dict[str, type]:
+    """The original HF classes of `kind` ("attention" or "encoder") by location, importing only those the
+    installed transformers has."""
     import importlib
 
-    for module_name, name in _HF_LOCATIONS:
+    found = {}
+    for module_name, name in _HF_LOCATIONS[kind]:
         key = f"{module_name}:{name}"
-        if key in _ORIGINALS:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        cls = getattr(module, name)
-        _ORIGINALS[key] = getattr(cls, "_hf_class", cls)
-    return dict(_ORIGINALS)
+        if key not in _ORIGINALS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            cls = getattr(module, name)
+            _ORIGINALS[key] = getattr(cls, "_hf_class", cls)
+        found[key] = _ORIGINALS[key]
+    return found
 
 
 def _check_backend(backend: str) -> str:
@@ -76,6 +94,9 @@ class _FusedSelfAttention:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._prefix_kernels_backend = type(self)._class_backend
+        config = args[0] if args else kwargs.get("config")
+        if getattr(self, "layer_id", 0) == 0:  # once per model
+            warn_if_prefix_dropped(config, None)
 
     def forward(self, *args, **kwargs):
         call = dict(zip(self._hf_arg_names, args, strict=False))
@@ -142,10 +163,7 @@ def fused_self_attention(
     prefix = getattr(module, "_prefix_kernels_prefix", None)
     if prefix is not None:
         prefix_k, prefix_v = prefix.key_values(q)
-    out = longformer_attention(
-        q,
-        k,
-        v,
+    kwargs = dict(
         window=int(module.one_sided_attn_window_size),
         is_global=glob,
         key_padding_mask=is_index_masked,
@@ -156,12 +174,27 @@ def fused_self_attention(
         prefix_v=prefix_v,
         softmax_scale=d**-0.5,
         dropout_p=float(module.dropout) if module.training else 0.0,
-        backend=getattr(module, "_prefix_kernels_backend", "auto"),
     )
+    backend = getattr(module, "_prefix_kernels_backend", "auto")
+    if is_exporting():
+        # An exported graph carries no custom op and no data-dependent shape: the static formulation.
+        out = static_attention(check_inputs(q, k, v, **kwargs))
+    elif torch.compiler.is_compiling() and select_backend(check_inputs(q, k, v, **kwargs), backend) == "reference":
+        out = _reference_outside_the_graph(q, k, v, **kwargs, backend=backend)
+    else:
+        out = longformer_attention(q, k, v, **kwargs, backend=backend)
     if layer_head_mask is not None:
         # HF multiplies both probability matrices by the head's weight, which scales that head's output.
         out = out * layer_head_mask.to(out.dtype).view(1, 1, h, 1)
     return out.reshape(b, n, c)
+
+
+@torch.compiler.disable
+def _reference_outside_the_graph(q, k, v, **kwargs) -> torch.Tensor:
+    """The reference backend under `torch.compile`: it sizes its tensors by the global count (a host read), a
+    data-dependent size inductor cannot lower, so it runs eagerly between two graphs (a graph break;
+    `fullgraph=True` needs a fused backend)."""
+    return longformer_attention(q, k, v, **kwargs)
 
 
 def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch.Tensor,
@@ -169,9 +202,9 @@ def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch
     """`linear(x)` on the global rows of `x (B, N, C)`, zeros elsewhere: the op reads `q_global` on global,
     non-padding rows only, so (as in HF) only those rows are projected, sparing a full `(B, N, C)` matmul, its
     activation and its weight-gradient matmul. The compact index is the op's own (same combined mask, same cache):
-    one host read per forward pass, shared by every layer. Under `torch.compile` (where that read would break the
-    graph) the whole projection runs instead."""
-    if torch.compiler.is_compiling():
+    one host read per forward pass, shared by every layer. Under `torch.compile` and the exporters (where that
+    read would break the graph) the whole projection runs instead."""
+    if torch.compiler.is_compiling() or is_exporting():
         return linear(x)
     if pad is not None:
         is_global = _global_without_padding(is_global, pad)
@@ -187,15 +220,51 @@ def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch
     return rows.new_zeros(b, n, rows.shape[-1]).scatter_add(1, idx[..., None].expand_as(rows), rows)
 
 
-def _fused_class(cls: type) -> type:
-    """The fused subclass of an HF self-attention class (one per class, reused)."""
+class _GlobalFlagIsConstant(TorchFunctionMode):
+    """Makes `Tensor.item()` of a bool tensor return `True` without reading the tensor.
+
+    Active only around HF's encoder `forward` while it is traced, where the one bool `.item()` is
+    `is_global_attn = is_index_global_attn.flatten().any().item()`. `True` makes every layer pass the global
+    projections, which the patched attention would compute under tracing anyway; HF's own uses of the flag
+    (global attention maps) only matter with `output_attentions=True`, which is never traced this way.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.item and args[0].dtype == torch.bool:
+            return True
+        return func(*args, **(kwargs or {}))
+
+
+class _TraceableEncoder:
+    """Mixin placed in front of HF's `LongformerEncoder` / `LEDEncoder`: the same `forward`, without the
+    host read of the batch-wide global flag while `torch.compile` or an exporter traces it."""
+
+    _hf_class: type
+    _hf_arg_names: tuple[str, ...]
+
+    def forward(self, *args, **kwargs):
+        if not (torch.compiler.is_compiling() or is_exporting()):
+            return super().forward(*args, **kwargs)
+        call = dict(zip(self._hf_arg_names, args, strict=False))
+        call.update(kwargs)
+        wants_maps = call.get("output_attentions")
+        if wants_maps is None:
+            wants_maps = getattr(self.config, "output_attentions", False)
+        if wants_maps or not all(isinstance(m, _FusedSelfAttention) for m in _attention_modules(self)):
+            return super().forward(*args, **kwargs)  # HF's own attention: it needs the real flag
+        with _GlobalFlagIsConstant():
+            return super().forward(*args, **kwargs)
+
+
+def _patched_class(cls: type, mixin: type) -> type:
+    """The subclass of an HF class with `mixin` in front (one per class, reused)."""
     cls = getattr(cls, "_hf_class", cls)
     if cls not in _PATCHED:
         names = tuple(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
         qualname = f"Fused{cls.__name__}"
         patched = type(
             cls.__name__,  # same name: accelerate's `no_split_modules` and HF's module lists match by name
-            (_FusedSelfAttention, cls),
+            (mixin, cls),
             {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname},
         )
         globals()[qualname] = patched  # picklable by its qualified name
@@ -203,9 +272,75 @@ def _fused_class(cls: type) -> type:
     return _PATCHED[cls]
 
 
+def _fused_class(cls: type) -> type:
+    """The fused subclass of an HF self-attention class."""
+    return _patched_class(cls, _FusedSelfAttention)
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     targets = tuple(_hf_classes().values())
     return [m for m in model.modules() if isinstance(m, targets)]
+
+
+def _encoder_modules(model: nn.Module) -> list[nn.Module]:
+    targets = tuple(_hf_classes("encoder").values())
+    return [m for m in model.modules() if isinstance(m, targets)]
+
+
+def _quiet_padding_notice_when_traced() -> None:
+    """HF's `_pad_to_window_size` calls `logger.warning_once` when it pads, and dynamo cannot trace a logging
+    call (a graph break, so `fullgraph=True` fails). Tell dynamo to skip the `warning_once` of the two modeling
+    modules' loggers while it traces (eager calls still log). Newer torch only; older torch keeps the break."""
+    import importlib
+
+    ignored = getattr(torch._dynamo.config, "ignore_logging_functions", None)
+    if ignored is None:
+        ignored = getattr(torch._dynamo.config, "ignore_logger_methods", None)
+    if ignored is None:
+        return
+    for module_name in (_LONGFORMER, _LED):
+        try:
+            logger = importlib.import_module(module_name).logger
+        except (ImportError, AttributeError):
+            continue
+        if hasattr(logger, "warning_once"):
+            ignored.add(logger.warning_once)
+
+
+_RESTORING = [False]  # set by `prefix.from_pretrained_with_prefix` while it rebuilds a model with its prefix
+
+
+@contextlib.contextmanager
+def restoring_prefix():
+    """No "prefix dropped" warning inside: the caller restores the prefix."""
+    before, _RESTORING[0] = _RESTORING[0], True
+    try:
+        yield
+    finally:
+        _RESTORING[0] = before
+
+
+def warn_if_prefix_dropped(config, model: nn.Module | None) -> None:
+    """Warn (loudly: `UserWarning`) when `config` says the checkpoint carried a prefix that `model` lacks.
+
+    `apply_prefix_*` records the prefix in `config.prefix_kernels`; `from_pretrained` restores the config but
+    drops the prefix weights (an "unexpected key" to HF), so the model would silently compute without it.
+    """
+    saved = getattr(config, PREFIX_CONFIG_KEY, None)
+    if not saved or _RESTORING[0]:
+        return
+    from .prefix import _existing_prefix  # here: prefix imports this module
+
+    if model is not None and _existing_prefix(model) is not None:
+        return
+    method = saved.get("method", "?") if isinstance(saved, dict) else "?"
+    warnings.warn(
+        f"this model's config says it was saved with a prefix-{method} prefix ({saved}), but the model has none: "
+        "`from_pretrained` drops the prefix weights (an unexpected key to Hugging Face), so outputs differ from the "
+        "trained model. Load it with `prefix_kernels.from_pretrained_with_prefix(cls, path)`.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -219,10 +354,15 @@ def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LongformerSelfAttention or LEDEncoderSelfAttention")
+    warn_if_prefix_dropped(getattr(model, "config", None), model)
     for module in modules:
         if not isinstance(module, _FusedSelfAttention):
             module.__class__ = _fused_class(type(module))
         module._prefix_kernels_backend = backend
+    for encoder in _encoder_modules(model):
+        if not isinstance(encoder, _TraceableEncoder):
+            encoder.__class__ = _patched_class(type(encoder), _TraceableEncoder)
+    _quiet_padding_notice_when_traced()
     return model
 
 
@@ -235,6 +375,9 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
             raise ValueError("this model uses prefix-tuning, which HF's attention cannot compute; keep it patched")
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
+    for encoder in model.modules():
+        if isinstance(encoder, _TraceableEncoder):
+            encoder.__class__ = type(encoder)._hf_class
     return model
 
 
@@ -268,6 +411,10 @@ def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
         patched = _fused_class(cls)
         patched._class_backend = backend
         setattr(importlib.import_module(module_name), name, patched)
+    for key, cls in _hf_classes("encoder").items():
+        module_name, name = key.split(":")
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _TraceableEncoder))
+    _quiet_padding_notice_when_traced()
     return _ClassPatch()
 
 
@@ -275,6 +422,7 @@ def unpatch_longformer_classes() -> None:
     """Point the modeling modules back at HF's classes (models already built keep what they have)."""
     import importlib
 
-    for key, cls in _hf_classes().items():
-        module_name, name = key.split(":")
-        setattr(importlib.import_module(module_name), name, cls)
+    for kind in ("attention", "encoder"):
+        for key, cls in _hf_classes(kind).items():
+            module_name, name = key.split(":")
+            setattr(importlib.import_module(module_name), name, cls)

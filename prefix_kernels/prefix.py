@@ -25,7 +25,7 @@ import inspect
 import torch
 from torch import nn
 
-from .patching import patch_longformer
+from .patching import PREFIX_CONFIG_KEY, patch_longformer, restoring_prefix
 
 __all__ = [
     "PrefixPropagation",
@@ -34,6 +34,7 @@ __all__ = [
     "apply_prefix_tuning",
     "save_prefix",
     "load_prefix",
+    "from_pretrained_with_prefix",
 ]
 
 _ATTRS = {"propagation": "prefix_propagation", "tuning": "prefix_tuning"}
@@ -50,12 +51,14 @@ class _Backbone:
     def __init__(self, model: nn.Module):
         from transformers.models.longformer.modeling_longformer import LongformerModel
 
-        try:
-            from transformers.models.led.modeling_led import LEDEncoder, LEDModel
-        except ImportError:  # an install without LED
-            LEDEncoder = LEDModel = ()  # noqa: N806
+        from .patching import _LED, _attention_modules, _hf_classes
 
-        from .patching import _attention_modules
+        # HF's own class: while the classes are patched, the module-level name is the patched subclass.
+        LEDEncoder = _hf_classes("encoder").get(f"{_LED}:LEDEncoder", ())  # noqa: N806
+        try:
+            from transformers.models.led.modeling_led import LEDModel
+        except ImportError:  # an install without LED
+            LEDModel = ()  # noqa: N806
 
         base = next((m for m in model.modules() if isinstance(m, (LongformerModel, LEDEncoder))), None)
         if base is None:
@@ -80,6 +83,12 @@ class _Backbone:
             led = next((m for m in model.modules() if isinstance(m, LEDModel)), None)
             frozen = [led if led is not None else base]
         self.num_layers = len(self.layers)
+        if self.kind == "longformer":
+            self.positions = base.embeddings.position_embeddings.num_embeddings
+        else:
+            self.positions = base.embed_positions.num_embeddings
+        window = config.attention_window
+        self.window = window if isinstance(window, int) else max(window)
         # The module whose output is the first layer's input, and those that carry HF's checkpointing flag
         # (the encoder in older transformers, every layer in newer ones).
         if self.kind == "longformer":
@@ -181,10 +190,48 @@ class _Prefix(nn.Module):
         self.num_heads = backbone.num_heads
         self.kind = backbone.kind
         self.padding_idx = backbone.padding_idx
+        self.positions = backbone.positions
+        self.window = backbone.window
         self.dropout = nn.Dropout(p)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, num_prefix={self.num_prefix}, num_layers={self.num_layers}"
+
+    @property
+    def max_length(self) -> int:
+        """The longest input (in tokens, padding included) the model's position table takes with this prefix.
+
+        Longformer numbers text positions from `padding_idx + 1 + P`. LED numbers the positions of the sequence
+        after Hugging Face padded it to a multiple of the window `W`: prefix-propagation pads `P + N`,
+        prefix-tuning starts the padded text at position `P`.
+        """
+        p, w = self.num_prefix, self.window
+        if self.kind == "longformer":
+            return self.positions - self.padding_idx - 1 - p
+        if self.method == "propagation":
+            return self.positions // w * w - p
+        return (self.positions - p) // w * w
+
+    def check_length(self, n: int) -> None:
+        """`ValueError` naming the limit before an input of `n` tokens reaches the position embedding."""
+        if n <= self.max_length:
+            return
+        if self.kind == "longformer":
+            how = (f"the position table has max_position_embeddings={self.positions} rows, text positions start at "
+                   f"padding_idx + 1 + P = {self.padding_idx + 1 + self.num_prefix}")
+        else:
+            what = "the P prefix slots and the input together" if self.method == "propagation" else "the input"
+            how = (f"the position table has max_encoder_position_embeddings={self.positions} rows, and Hugging Face "
+                   f"pads {what} to a multiple of the attention window ({self.window}) before numbering positions"
+                   f"{'' if self.method == 'propagation' else f' from P = {self.num_prefix}'}")
+        raise ValueError(
+            f"input of {n} tokens is too long for prefix-{self.method} with P={self.num_prefix} prefix slots: the "
+            f"limit is {self.max_length} tokens ({how})"
+        )
+
+    def config_record(self) -> dict:
+        """What `from_pretrained_with_prefix` needs to rebuild this prefix (stored in `config.prefix_kernels`)."""
+        return {"method": self.method, "num_prefix": self.num_prefix, "dropout": self.dropout.p}
 
     def _base_forward(self, wrapper: _WrappedForward, call: dict):
         raise NotImplementedError
@@ -214,6 +261,9 @@ class PrefixPropagation(_Prefix):
         self.prefix = nn.Parameter(torch.randn(self.num_layers, num_prefix, self.hidden_size) * init_std)
         self._prefix_states: torch.Tensor | None = None  # last forward's prefix rows, for `pool_prefix`
 
+    def config_record(self) -> dict:
+        return {**super().config_record(), "pool_prefix": self.pool_prefix}
+
     def add_prefix(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
         """Layer pre-hook: `h[:, :P] += dropout(prefix[layer])` (out of place, autograd-safe)."""
         p = self.num_prefix
@@ -239,9 +289,10 @@ class PrefixPropagation(_Prefix):
         """Prepend the `P` slots to the call's inputs in place; returns `(B, N)` of the user's input."""
         p = self.num_prefix
         ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+        if embeds is None and ids is None:
+            raise ValueError("You have to specify either input_ids or inputs_embeds")
+        self.check_length((ids if embeds is None else embeds).shape[1])
         if embeds is None:
-            if ids is None:
-                raise ValueError("You have to specify either input_ids or inputs_embeds")
             embeds = embed_tokens(ids)
         b, n = embeds.shape[:2]
         dev = embeds.device
@@ -341,9 +392,12 @@ class PrefixTuning(_Prefix):
         if src is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         shape = tuple(src.shape[:2])
-        call["position_ids"] = _shifted_positions(
-            ids, call.get("position_ids"), shape, self.num_prefix, self.padding_idx, src.device
-        )
+        self.check_length(shape[1])
+        if self.kind == "longformer":
+            call["position_ids"] = _shifted_positions(
+                ids, call.get("position_ids"), shape, self.num_prefix, self.padding_idx, src.device
+            )
+        # LED: `shift_led_positions` starts the (padded) text at position P.
         return wrapper.call_inner(call)
 
 
@@ -368,7 +422,11 @@ def _install(model: nn.Module, backbone: _Backbone, prefix: _Prefix) -> None:
     """Register the prefix on the model, hook the embeddings for checkpointing, freeze the backbone."""
     ref = next(backbone.base.parameters())
     prefix.to(device=ref.device, dtype=ref.dtype)
+    prefix.train(model.training)  # a fresh module trains; its dropout must follow the model's mode
     model.add_module(_ATTRS[prefix.method], prefix)
+    # Saved in config.json by save_pretrained / Trainer, so `from_pretrained_with_prefix` can rebuild the prefix
+    # and a plain `from_pretrained` can be told what it dropped.
+    setattr(backbone.config, PREFIX_CONFIG_KEY, prefix.config_record())
     hook = functools.partial(prefix.require_input_grads, backbone.checkpointed)
     backbone.embedding_output.register_forward_hook(hook)
     _freeze(model, backbone, prefix)
@@ -447,21 +505,34 @@ def apply_prefix_tuning(
     _install(model, backbone, prefix)
     for i, attn in enumerate(backbone.attentions):
         attn._prefix_kernels_prefix = _LayerPrefix(prefix, i)
-    if backbone.kind == "longformer":
-        backbone.base.forward = _WrappedForward(prefix, backbone.base)
-    else:
+    backbone.base.forward = _WrappedForward(prefix, backbone.base)
+    if backbone.kind == "led":
         backbone.base.embed_positions.register_forward_pre_hook(prefix.shift_led_positions)
     return prefix
 
 
 def save_prefix(model: nn.Module, path) -> None:
-    """Save the trainable parameters of `model` (the prefix and the task head) to a safetensors file."""
+    """Save the trainable parameters of `model` (the prefix and the task head) to a safetensors file.
+
+    In a distributed run call it on every rank: parameters sharded by FSDP2 (`fully_shard`) are gathered (a
+    collective), and only rank 0 writes. A `DistributedDataParallel` wrapper is looked through.
+    """
     from safetensors.torch import save_file
 
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     prefix = _existing_prefix(model)
     if prefix is None:
         raise ValueError("this model has no prefix: call apply_prefix_propagation or apply_prefix_tuning first")
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2)
+                t = t.full_tensor()
+            tensors[n] = t.contiguous().cpu()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
     metadata = {"method": prefix.method, "num_prefix": str(prefix.num_prefix)}
     if isinstance(prefix, PrefixPropagation):
         metadata["pool_prefix"] = str(prefix.pool_prefix)
@@ -504,3 +575,107 @@ def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
                 raise ValueError(f"{name}: shape {tuple(t.shape)} in {path}, {tuple(params[name].shape)} in the model")
             params[name].copy_(t)
     return prefix
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints written by save_pretrained / Trainer
+# ------------------------------------------------------------------------------------------------------------
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def _checkpoint_tensors(path, names: list[str], hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    """The tensors `names` from the weights `save_pretrained` wrote under `path` (a directory or a Hub id):
+    `model.safetensors`, `pytorch_model.bin`, or their sharded forms."""
+    import json
+
+    from transformers.utils import cached_file
+
+    def locate(filename: str) -> str | None:
+        return cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub_kwargs)
+
+    def read(file: str, wanted: set[str]) -> dict[str, torch.Tensor]:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as f:
+                return {n: f.get_tensor(n) for n in wanted if n in f.keys()}
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return {n: state[n] for n in wanted if n in state}
+
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = locate(f"{single}.index.json")
+        if index is not None:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            found = {}
+            for shard in sorted({weight_map[n] for n in names if n in weight_map}):
+                found.update(read(locate(shard), set(names)))
+            return found
+        file = locate(single)
+        if file is not None:
+            return read(file, set(names))
+    raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin (or sharded index) found")
+
+
+def from_pretrained_with_prefix(cls, path, backend: str = "auto", **kwargs) -> nn.Module:
+    """Rebuild a model that `save_pretrained` (or a `Trainer` checkpoint) wrote, with its prefix.
+
+    `cls.from_pretrained(path, **kwargs)` restores the backbone, the task head and the config, whose
+    `prefix_kernels` entry (written by `apply_prefix_*`) says which prefix the model had; that prefix is applied
+    again (patching the attention with `backend`, freezing the backbone) and its weights are read from the same
+    checkpoint. Plain `from_pretrained` drops them: Hugging Face reports them as unexpected keys.
+
+    Args:
+        cls: the model class (`LongformerForSequenceClassification`, `LEDForConditionalGeneration`, an `Auto*`
+            class, ...).
+        path: a checkpoint directory or a Hub model id.
+        backend: the attention backend, see `longformer_attention`.
+        kwargs: passed to `from_pretrained` (the Hub ones, e.g. `revision`, also to the weight lookup).
+
+    Returns:
+        The model, in eval mode as `from_pretrained` returns it, with its prefix module registered.
+    """
+    from transformers.utils import logging as hf_logging
+
+    kwargs.pop("output_loading_info", None)
+    verbosity = hf_logging.get_verbosity()
+    # HF would report the prefix weights as unexpected keys; its other findings are reported below.
+    hf_logging.set_verbosity_error()
+    try:
+        with restoring_prefix():
+            model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    record = getattr(model.config, PREFIX_CONFIG_KEY, None)
+    if not isinstance(record, dict) or record.get("method") not in _ATTRS:
+        raise ValueError(f"{path}: its config records no prefix (no `{PREFIX_CONFIG_KEY}` entry written by "
+                         "apply_prefix_propagation / apply_prefix_tuning); load it with from_pretrained")
+    with restoring_prefix():
+        if record["method"] == "propagation":
+            prefix = apply_prefix_propagation(model, record["num_prefix"], dropout=record.get("dropout"),
+                                              pool_prefix=bool(record.get("pool_prefix", False)), backend=backend)
+        else:
+            prefix = apply_prefix_tuning(model, record["num_prefix"], dropout=record.get("dropout"), backend=backend)
+    attr = _ATTRS[prefix.method]
+    names = [f"{attr}.{n}" for n, _ in prefix.named_parameters()]
+    tensors = _checkpoint_tensors(path, names, {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no {missing}: it was not saved with this prefix")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            if tensors[n].shape != params[n].shape:
+                raise ValueError(f"{n}: shape {tuple(tensors[n].shape)} in {path}, {tuple(params[n].shape)} "
+                                 "in the rebuilt model")
+            params[n].copy_(tensors[n])
+    unexpected = sorted(set(info.get("unexpected_keys", ())) - set(names))
+    not_found = sorted(info.get("missing_keys", ()))
+    if unexpected or not_found:
+        import warnings
+
+        warnings.warn(f"loading {path}: weights newly initialized {not_found}, weights not used {unexpected}",
+                      UserWarning, stacklevel=2)
+    return model

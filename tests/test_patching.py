@@ -19,6 +19,7 @@ from transformers.models.longformer.modeling_longformer import LongformerSelfAtt
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.patching import (  # noqa: E402
+    _TraceableEncoder,
     fused_self_attention,
     is_patched,
     patch_longformer,
@@ -208,8 +209,10 @@ def test_state_dict_unchanged_and_strict_reload(name):
 def test_unpatch_restores_hf():
     hf = build("LongformerForQuestionAnswering")
     ours = patched_copy(hf)
+    assert isinstance(ours.longformer.encoder, _TraceableEncoder)
     unpatch_longformer(ours)
     assert not is_patched(ours)
+    assert type(ours.longformer.encoder) is type(hf.longformer.encoder)
     assert all(type(m) is LongformerSelfAttention for m in ours.modules() if isinstance(m, LongformerSelfAttention))
     assert all("_prefix_kernels_backend" not in vars(m) for m in ours.modules())
     inputs = batch("LongformerForQuestionAnswering")
@@ -227,6 +230,8 @@ def test_class_patch_and_pretrained_round_trip(tmp_path):
     finally:
         unpatch_longformer_classes()
     assert is_patched(loaded) and not is_patched(plain)
+    assert isinstance(loaded.longformer.encoder, _TraceableEncoder)
+    assert not isinstance(plain.longformer.encoder, _TraceableEncoder)
     assert {m._prefix_kernels_backend for m in loaded.modules() if hasattr(m, "_prefix_kernels_backend")} == {
         "reference"
     }
@@ -326,3 +331,28 @@ def test_patch_twice_changes_backend_only(name):
     patch_longformer(ours, backend="auto")
     assert [type(m) for m in ours.modules()] == classes
     assert {m._prefix_kernels_backend for m in ours.modules() if hasattr(m, "_prefix_kernels_backend")} == {"auto"}
+
+
+def test_auto_never_picks_the_triton_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1 Triton still counts as usable (explicitly), but `auto` passes it by, says why, and a
+    patched model with `auto` never reaches it."""
+    from prefix_kernels import triton_attention
+    from prefix_kernels.attention import select_backend
+    from prefix_kernels.checks import check_inputs
+
+    if pk.available_backends()["triton"] is not None or not triton_attention.INTERPRET:
+        pytest.skip("the Triton backend runs compiled kernels here, not the interpreter")
+    assert "interpreter" in pk.auto_skips()["triton"]
+    x = torch.randn(1, 32, 2, 8)
+    args = check_inputs(x, x, x, window=4)
+    assert select_backend(args, "triton") == "triton"
+    assert select_backend(args, "auto") != "triton"
+
+    def interpreter_reached(*_args, **_kwargs):
+        raise AssertionError("auto reached the Triton interpreter")
+
+    monkeypatch.setattr(triton_attention, "attention", interpreter_reached)
+    hf = build("LongformerModel")
+    ours = patched_copy(hf, backend="auto")
+    inputs = batch("LongformerModel")
+    torch.testing.assert_close(ours(**inputs).last_hidden_state, hf(**inputs).last_hidden_state, atol=TOL, rtol=0)

@@ -413,3 +413,48 @@ def test_torch_compile(apply):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefix.parameters())
     with torch.no_grad():
         torch.testing.assert_close(got, model(**inputs).logits, atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Position limit
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("apply", [apply_prefix_propagation, apply_prefix_tuning])
+@pytest.mark.parametrize("name", ["LongformerModel", "LEDModel"])
+def test_position_limit_is_named_before_the_embedding(name, apply, monkeypatch):
+    """`max_length` is exact: that many tokens run, one more gets a `ValueError` naming the limit and P (without
+    the check the position embedding would fail with an IndexError). The tiny configs have 160 positions, windows
+    up to 16 and padding_idx 1."""
+    model = build(name)
+    prefix = apply(model, num_prefix=P, backend="reference")
+    method = "propagation" if apply is apply_prefix_propagation else "tuning"
+    want = {("LongformerModel", "propagation"): 160 - 2 - P, ("LongformerModel", "tuning"): 160 - 2 - P,
+            ("LEDModel", "propagation"): 160 - P, ("LEDModel", "tuning"): (160 - P) // 16 * 16}
+    assert prefix.max_length == want[name, method]
+
+    def inputs(n):
+        x = {"input_ids": torch.randint(3, 64, (1, n))}
+        if name == "LEDModel":
+            x["decoder_input_ids"] = torch.randint(3, 64, (1, 5))
+        return x
+
+    with torch.no_grad():
+        model(**inputs(prefix.max_length))
+        with pytest.raises(ValueError, match=rf"{prefix.max_length + 1} tokens .*P={P} .*limit is {prefix.max_length}"):
+            model(**inputs(prefix.max_length + 1))
+        monkeypatch.setattr(type(prefix), "check_length", lambda self, n: None)
+        with pytest.raises(IndexError):
+            model(**inputs(prefix.max_length + 1))
+
+
+@pytest.mark.parametrize("apply", [apply_prefix_propagation, apply_prefix_tuning])
+def test_prefix_applied_in_eval_mode_has_no_dropout(apply):
+    """The new prefix module follows the model's mode: applied to an eval model, its dropout is off."""
+    model = build("LongformerModel").eval()
+    prefix = apply(model, num_prefix=P, dropout=0.5, backend="reference")
+    assert not prefix.training
+    inputs = batch("LongformerModel")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=0,
+                                   rtol=0)
