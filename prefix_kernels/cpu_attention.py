@@ -30,11 +30,13 @@ so no pass over the scores multiplies by them. Band-key gradients are overlap-ad
 neighbouring blocks overlap by `2w`) into fp32 buffers; global-key and prefix gradients are summed over the
 blocks in fp32. `lse`, which the contract lets each backend define, is unused here: zeros.
 
-Dropout (`p > 0`): one 32-bit word per (row, column) of each group from a `torch.Generator` seeded with the op's
-seed (local rows; the global rows use `seed + 1`), drawn in a fixed order; an entry is dropped iff its word
-(as a signed int32) is below `round(p * 2**32) - 2**31`, kept entries are scaled by `1 / (1 - p)`. The backward
-draws the same words in the same order, so it replays the forward's masks exactly, and so does a gradient
-checkpoint's recompute (its seed comes from torch's generator).
+Dropout (`p > 0`): one 16-bit word per (row, column) of each group from a `torch.Generator` seeded with the op's
+seed (local rows; the global rows use `seed + 1`), drawn in a fixed order (`torch.int64.random_` viewed as four
+int16 words: half the generator time of 32-bit words, which matters: drawing is the dropout's main cost). An
+entry is dropped iff its signed word is below `round(p * 2**16) - 2**15`, i.e. with probability `p` rounded to a
+multiple of `2**-16`; kept entries are scaled by `1 / (1 - p)`. The backward draws the same words in the same
+order, so it replays the forward's masks exactly, and so does a gradient checkpoint's recompute (its seed comes
+from torch's generator).
 
 dtypes: fp32 computes in fp32. bf16 computes in bf16 matmuls (fp32 accumulation inside each product; softmax
 statistics in fp32; scores, probabilities and `dS` rounded to bf16, as Hugging Face's eager attention does on a
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,8 +57,9 @@ import torch
 # Query rows per block. Smaller blocks waste fewer masked band entries (useful fraction `(2w + 1) / (c + 2w)`),
 # larger ones make larger matrix products; 64 was fastest at w = 64..256 (BENCHMARKS.md, "CPU path").
 BLOCK_ROWS = 64
-# Score elements per group (`g * H * c * Lt`): enough work per matmul call, small enough to stay in cache.
-GROUP_SCORES = 1 << 18
+# Bytes of scores per group (`g * H * c * Lt` elements): enough work per matmul call, small enough that the
+# group's scores, probabilities and their gradients stay in the caches.
+GROUP_BYTES = 1 << 20
 # Set (or env PREFIX_KERNELS_POISON=1) to NaN-fill every output before it is written: tests catch elements that
 # are never written.
 POISON_OUTPUTS = False
@@ -83,6 +87,7 @@ class _Plan:
     num_blocks: int  # nb = ceil(N / c)
     num_global: int  # G: global-key columns (the largest per-row count)
     num_prefix: int  # P
+    itemsize: int  # bytes per element of the compute dtype
 
     @property
     def band(self) -> int:
@@ -103,7 +108,7 @@ class _Plan:
 def _plan(q: torch.Tensor, window: int, num_global: int, num_prefix: int) -> _Plan:
     b, n, h, d = q.shape
     c = max(1, min(BLOCK_ROWS, n))
-    return _Plan(b, n, h, d, window, c, -(-n // c), num_global, num_prefix)
+    return _Plan(b, n, h, d, window, c, -(-n // c), num_global, num_prefix, q.element_size())
 
 
 def _groups(plan: _Plan) -> Iterator[tuple[int, int, int, int]]:
@@ -111,7 +116,7 @@ def _groups(plan: _Plan) -> Iterator[tuple[int, int, int, int]]:
     is a group of its own). The order is fixed: the dropout masks are drawn in it."""
     c, h, cols = plan.block, plan.heads, plan.cols
     full = plan.n // c
-    per_group = max(1, GROUP_SCORES // (h * c * cols))
+    per_group = max(1, GROUP_BYTES // (plan.itemsize * h * c * cols))
     for b in range(plan.batch):
         for j0 in range(0, full, per_group):
             yield b, j0, min(full, j0 + per_group), c
@@ -160,18 +165,40 @@ def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _M
     return _Masks(band_bias, col_bias, dead, global_rows, global_valid)
 
 
-class _DropoutMasks:
-    """Dropout masks drawn from a generator seeded by the op's seed, in call order (`True` = dropped)."""
+_MASK_CACHE: dict[tuple, tuple[list, _Masks]] = {}
+_MASK_CACHE_SIZE = 8
 
-    def __init__(self, p: float, seed: int):
+
+def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
+    """`_masks`, reused while the same mask tensors come back unchanged: every layer of a model and every backward
+    pass sees the same `key_padding_mask` and (from `custom_op.global_index`'s cache) the same global index."""
+    tensors = [t for t in (key_padding_mask, global_idx, global_count) if t is not None]
+    key = (plan, dtype, *((id(t), t._version) for t in tensors))
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
+        return hit[1]
+    masks = _masks(plan, key_padding_mask, global_idx, global_count, dtype)
+    if len(_MASK_CACHE) >= _MASK_CACHE_SIZE:
+        _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
+    _MASK_CACHE[key] = ([weakref.ref(t) for t in tensors], masks)
+    return masks
+
+
+class _DropoutMasks:
+    """Dropout keep masks (1 kept, 0 dropped, in the compute dtype) drawn from a generator seeded by the op's seed,
+    in call order."""
+
+    def __init__(self, p: float, seed: int, dtype: torch.dtype):
         self.generator = torch.Generator().manual_seed(seed)
-        # P(word < threshold) = (threshold + 2**31) / 2**32 = p, up to 2**-32, for a uniform signed 32-bit word.
-        self.threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)
+        self.dtype = dtype
+        # A uniform signed 16-bit word is below `threshold` with probability round(p * 2**16) / 2**16.
+        self.threshold = torch.tensor(min(round(p * 2**16), 2**16 - 1) - 2**15, dtype=torch.int16)
 
     def next(self, shape: torch.Size) -> torch.Tensor:
         numel = math.prod(shape)
-        words = torch.empty((numel + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=self.generator)
-        return words.view(torch.int32)[:numel].view(shape) < self.threshold
+        words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=self.generator)
+        # In the compute dtype: multiplying bf16 by a bool tensor takes 7x longer than by bf16 (mixed dtypes).
+        return (words.view(torch.int16)[:numel].view(shape) >= self.threshold).to(self.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,7 +263,7 @@ def _local_rows_forward(plan, masks, q, ks: _Keys, vs: _Keys, scale, drop, inv_k
         probs = torch.softmax(s, dim=-1)
         del s
         if drop is not None:
-            probs.masked_fill_(drop.next(probs.shape), 0.0)
+            probs.mul_(drop.next(probs.shape))
         o = torch.matmul(probs, _block_keys(plan, vs, b, j0, j1))
         if drop is not None:
             o.mul_(inv_keep)
@@ -264,14 +291,14 @@ def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
         s, qb = _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale)
         probs = torch.softmax(s, dim=-1)
         del s
-        dropped = drop.next(probs.shape) if drop is not None else None
-        kept = probs if dropped is None else probs.masked_fill(dropped, 0.0)
+        keep = drop.next(probs.shape) if drop is not None else None
+        kept = probs if keep is None else probs * keep
         gv = _rows_view(go_v, plan, b, j0, j1, rows).transpose(1, 2)
         dvb = torch.matmul(kept.transpose(-1, -2), gv)
         del kept
         dp = torch.matmul(_rows_view(go_s, plan, b, j0, j1, rows).transpose(1, 2), vb.transpose(-1, -2))
-        if dropped is not None:
-            dp.masked_fill_(dropped, 0.0)
+        if keep is not None:
+            dp.mul_(keep)
         ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
         del dp, probs
         _rows_view(grads["dq"], plan, b, j0, j1, rows).copy_(torch.matmul(ds, kb).transpose(1, 2))
@@ -309,7 +336,7 @@ def _global_rows_forward(plan, masks, operands, scale, drop, inv_keep, out) -> N
     qsel, keys, vals, bias = operands
     probs = torch.softmax(torch.add(bias, torch.matmul(qsel, keys.transpose(-1, -2)), alpha=scale), dim=-1)
     if drop is not None:
-        probs.masked_fill_(drop.next(probs.shape), 0.0)
+        probs.mul_(drop.next(probs.shape))
     o = torch.matmul(probs, vals)  # (B, H, G, D)
     if drop is not None:
         o.mul_(inv_keep)
@@ -327,12 +354,12 @@ def _global_rows_backward(plan, masks, operands, grad_out, scale, drop, inv_keep
     go = torch.zeros(b, h, plan.num_global, d, dtype=dtype)  # unused slots: zero gradient
     go[bsel, :, slot] = grad_out[bsel, rows]
     probs = torch.softmax(torch.add(bias, torch.matmul(qsel, keys.transpose(-1, -2)), alpha=scale), dim=-1)
-    dropped = drop.next(probs.shape) if drop is not None else None
-    kept = probs if dropped is None else probs.masked_fill(dropped, 0.0)
+    keep = drop.next(probs.shape) if drop is not None else None
+    kept = probs if keep is None else probs * keep
     dvals = torch.matmul(kept.transpose(-1, -2), go * inv_keep)
     dp = torch.matmul(go * (inv_keep * scale), vals.transpose(-1, -2))
-    if dropped is not None:
-        dp.masked_fill_(dropped, 0.0)
+    if keep is not None:
+        dp.mul_(keep)
     ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
     dq_global = torch.zeros(b, n, h, d, dtype=dtype)
     dq_global[bsel, rows] = torch.matmul(ds, keys)[bsel, :, slot]
@@ -371,17 +398,17 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
             _cast(t, cdt) for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
         g = max_global if q_global is not None else 0
         plan = _plan(q, window, g, 0 if prefix_k is None else prefix_k.shape[1])
-        masks = _masks(plan, key_padding_mask, global_idx, global_count, cdt)
+        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
         inv_keep = 1.0 / (1.0 - dropout_p)
         out = _empty_out((b, n, h, d), cdt)
-        drop = _DropoutMasks(dropout_p, seed) if dropout_p > 0 else None
+        drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
         ks = _local_keys(plan, k, prefix_k, global_idx)
         vs = _local_keys(plan, v, prefix_v, global_idx)
         _local_rows_forward(plan, masks, q, ks, vs, scale, drop, inv_keep, out)
         if masks.dead is not None:
             out.masked_fill_(masks.dead[:, :, None, None], 0.0)
         if g:
-            drop = _DropoutMasks(dropout_p, seed + 1) if dropout_p > 0 else None
+            drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
             operands = _global_operands(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v,
                                         key_padding_mask, global_idx, cdt)
             _global_rows_forward(plan, masks, operands, scale, drop, inv_keep, out)
@@ -405,7 +432,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         g = max_global if q_global is not None else 0
         p = prefix_k.shape[1] if has_prefix else 0
         plan = _plan(q, window, g, p)
-        masks = _masks(plan, key_padding_mask, global_idx, global_count, cdt)
+        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
         inv_keep = 1.0 / (1.0 - dropout_p)
         go = grad_out if masks.dead is None else grad_out.masked_fill(masks.dead[:, :, None, None], 0.0)
         go_v = go * inv_keep if dropout_p > 0 else go
@@ -417,7 +444,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
             "dk_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
             "dv_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
         }
-        drop = _DropoutMasks(dropout_p, seed) if dropout_p > 0 else None
+        drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
         ks = _local_keys(plan, k, prefix_k, global_idx)
         vs = _local_keys(plan, v, prefix_v, global_idx)
         _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
@@ -433,7 +460,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         dpv = grads["dv_shared"][:, :, g:] if has_prefix else None
         dq_g = dk_g = dv_g = None
         if g:
-            drop = _DropoutMasks(dropout_p, seed + 1) if dropout_p > 0 else None
+            drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
             operands = _global_operands(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v,
                                         key_padding_mask, global_idx, cdt)
             dq_g, dk_g, dv_g, gpk, gpv = _global_rows_backward(plan, masks, operands, grad_out, scale, drop, inv_keep,

@@ -73,15 +73,15 @@ def _assert_close(label, got, want, atol, base=None):
     b=st.integers(1, 3), n=st.integers(1, 90), h=st.integers(1, 2), d=st.sampled_from([4, 8, 16]),
     window=st.integers(0, 40), n_global=st.tuples(st.integers(0, 2), st.integers(0, 4)), pad_max=st.integers(0, 90),
     prefix=st.integers(0, 5), batch_prefix=st.booleans(), block=st.sampled_from([1, 3, 8, 64]),
-    group_scores=st.sampled_from([1, 700, 1 << 18]), seed=st.integers(0, 2**16),
+    group_bytes=st.sampled_from([1, 3000, 1 << 20]), seed=st.integers(0, 2**16),
 )
 def test_fp32_matches_dense_reference(b, n, h, d, window, n_global, pad_max, prefix, batch_prefix, block,
-                                      group_scores, seed):
+                                      group_bytes, seed):
     lo, hi = min(n_global), max(n_global)
     x, masks, grad_out = _problem(b, n, h, d, n_global=(lo, hi), pad_max=pad_max, prefix=prefix,
                                   batch_prefix=batch_prefix, seed=seed)
     with mock.patch.object(cpu_attention, "BLOCK_ROWS", block), \
-            mock.patch.object(cpu_attention, "GROUP_SCORES", group_scores):
+            mock.patch.object(cpu_attention, "GROUP_BYTES", group_bytes):
         out, grads = _run(_cpu, x, masks, window, torch.float32, grad_out)
     ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out)
     assert out.dtype == torch.float32
@@ -171,9 +171,9 @@ def _documented_keep_masks(x, masks, window, p, seed):
     plan = cpu_attention._plan(x["q"], window, g, prefix)
     c, band = plan.block, plan.band
     local = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
-    drops = cpu_attention._DropoutMasks(p, seed)
+    drops = cpu_attention._DropoutMasks(p, seed, torch.float32)
     for bb, j0, j1, rows in cpu_attention._groups(plan):
-        keep = ~drops.next((j1 - j0, h, rows, plan.cols))
+        keep = drops.next((j1 - j0, h, rows, plan.cols)).bool()
         for jj, j in enumerate(range(j0, j1)):
             pos = torch.arange(band) + j * c - window
             inside = (pos >= 0) & (pos < n)
@@ -185,7 +185,7 @@ def _documented_keep_masks(x, masks, window, p, seed):
                 local[bb, :, i, n:] = keep[jj, :, r, band + g :]
     glob = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
     if g:
-        keep = ~cpu_attention._DropoutMasks(p, seed + 1).next((b, h, g, n + prefix))
+        keep = cpu_attention._DropoutMasks(p, seed + 1, torch.float32).next((b, h, g, n + prefix)).bool()
         for bb in range(b):
             for s in range(int(gcnt[bb])):
                 glob[bb, :, int(gidx[bb, s])] = keep[bb, :, s]
@@ -198,7 +198,7 @@ def test_dropout_matches_dense_reference_with_the_documented_masks(monkeypatch, 
     x, masks, grad_out = _problem(2, 40, 2, 8, n_global=(0, 3), pad_max=8, prefix=3, batch_prefix=True, seed=11)
     window = 5
     monkeypatch.setattr(cpu_attention, "BLOCK_ROWS", block)
-    monkeypatch.setattr(cpu_attention, "GROUP_SCORES", 2000)  # several groups, several draws
+    monkeypatch.setattr(cpu_attention, "GROUP_BYTES", 8000)  # several groups, several draws
     torch.manual_seed(123)
     seed = int(torch.randint(2**31, 2**62, (), dtype=torch.int64))  # what the op will draw after manual_seed(123)
     keeps = iter(_documented_keep_masks(x, masks, window, p, seed))
@@ -214,9 +214,9 @@ def test_dropout_matches_dense_reference_with_the_documented_masks(monkeypatch, 
 
 def test_dropout_keep_rate_and_scale():
     p = 0.1
-    dropped = cpu_attention._DropoutMasks(p, 2**40 + 7).next((1000, 1000))
-    assert abs(dropped.float().mean().item() - p) < 4 * (p * (1 - p) / 1e6) ** 0.5
-    assert torch.equal(dropped, cpu_attention._DropoutMasks(p, 2**40 + 7).next((1000, 1000)))
+    kept = cpu_attention._DropoutMasks(p, 2**40 + 7, torch.float32).next((1000, 1000))
+    assert abs(1 - kept.mean().item() - p) < 4 * (p * (1 - p) / 1e6) ** 0.5
+    assert torch.equal(kept, cpu_attention._DropoutMasks(p, 2**40 + 7, torch.float32).next((1000, 1000)))
     # Every key of a row has the same value 1: each output element is (sum of the row's kept probabilities) /
     # (1 - p), whose mean over many rows is 1 when kept entries are scaled by 1 / (1 - p).
     b, n, h, d = 1, 2048, 4, 8
