@@ -11,7 +11,7 @@ global keys (through the local `k, v`), then the `P` prefix keys. Row `r` of a b
 (a global key counts once, through its global column) or an unused global slot are removed per block
 (`col_bias (B, nb, Lt)`). Consecutive blocks of one batch row form a group: one batched matmul
 `(g, H, c, D) x (g, H, D, Lt)`, the mask, a softmax over the `Lt` columns, a second matmul. Only one group's
-`(g, H, c, Lt)` scores exist at a time (`GROUP_SCORES` bounds them), so memory is `O(N)`: the padded `k, v`,
+`(g, H, c, Lt)` scores exist at a time (`GROUP_BYTES` bounds them), so memory is `O(N)`: the padded `k, v`,
 the output and one group's workspace; autograd keeps only what the custom op saves (inputs, `out`, `lse`).
 
 Global rows: the `G` global queries of each batch row against all `N` keys (+ prefix) with the global

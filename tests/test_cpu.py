@@ -258,6 +258,42 @@ def test_gradient_checkpointing_replays_the_dropout_masks():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Memory, dispatch, custom op, Hugging Face
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_memory_stays_linear_in_n(mode):
+    """Measured inside the custom op (the CPU tracker runs the package's ops under its mode): no allocation
+    reaches a quarter of one `(B, H, N, 2w + 1 + G + P)` fp32 band-score tensor and the peak (the eight input
+    gradients included) stays below three of them; one `N x N` fp32 score tensor would be 40x that bound."""
+    from prefix_kernels.memory import peak_memory
+
+    b, n, h, d, w, g, p = 1, 16384, 2, 16, 64, 3, 4
+    x = random_inputs(b, n, h, d, prefix=p, requires_grad=mode == "fwdbwd")
+    is_global = torch.zeros(b, n, dtype=torch.bool)
+    is_global[:, :g] = True
+    pad = torch.zeros_like(is_global)
+    pad[:, n - n // 16 :] = True
+    band_bytes = 4 * b * h * n * (2 * w + 1 + g + p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small ops: slow with intra-op threads on a shared runner
+    try:
+        with peak_memory("cpu") as mem:
+            if mode == "fwd":
+                with torch.no_grad():
+                    _cpu(**x, window=w, is_global=is_global, key_padding_mask=pad)
+            else:
+                out = _cpu(**x, window=w, is_global=is_global, key_padding_mask=pad)
+                torch.autograd.grad(out, list(x.values()), torch.randn_like(out))
+                del out
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < mem.largest <= band_bytes / 4, f"largest allocation {mem.largest / 2**20:.1f} MB"
+    assert mem.peak <= 3 * band_bytes, f"peak {mem.peak / 2**20:.1f} MB > 3 x {band_bytes / 2**20:.1f} MB"
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Dispatch, custom op, Hugging Face
 # ------------------------------------------------------------------------------------------------------------
 
