@@ -14,8 +14,9 @@ global keys (through the local `k, v`), then the `P` prefix keys. Row `r` of a b
 `(g, H, c, Lt)` scores exist at a time (`GROUP_BYTES` bounds them), so memory is `O(N)`: the padded `k, v`,
 the output and one group's workspace; autograd keeps only what the custom op saves (inputs, `out`, `lse`).
 
-Global rows: the `G` global queries of each batch row against all `N` keys (+ prefix) with the global
-projections, in one batched matmul and softmax, scattered into the output; their gradients are gathered back.
+Global rows: per batch row, the `G` global queries against all `N` keys (+ prefix) with the global projections,
+batched over the heads, scattered into the output; in the backward the key gradients (outer products over the
+`G` slots) are written straight into their `(B, N, H, D)` outputs.
 
 Masking uses a large finite negative (`finfo.min / 4`, so two of them still add up to a finite number), never
 `-inf`: a row whose every column is masked then gets a finite softmax instead of NaN. Such rows, and every row
@@ -31,7 +32,8 @@ neighbouring blocks overlap by `2w`) into fp32 buffers; global-key and prefix gr
 blocks in fp32. `lse`, which the contract lets each backend define, is unused here: zeros.
 
 Dropout (`p > 0`): one 16-bit word per (row, column) of each group from a `torch.Generator` seeded with the op's
-seed (local rows; the global rows use `seed + 1`), drawn in a fixed order (`torch.int64.random_` viewed as four
+seed (local rows, group by group; the global rows draw `(H, G, N + P)` per batch row from one seeded with
+`seed + 1`), in a fixed order (`torch.int64.random_` viewed as four
 int16 words: half the generator time of 32-bit words, which matters: drawing is the dropout's main cost). An
 entry is dropped iff its signed word is below `round(p * 2**16) - 2**15`, i.e. with probability `p` rounded to a
 multiple of `2**-16`; kept entries are scaled by `1 / (1 - p)`. The backward draws the same words in the same
@@ -316,59 +318,95 @@ def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _global_operands(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
-                     dtype):
-    """`qsel (B, H, G, D)` (global queries, every slot), `keys, vals (B, H, N + P, D)`, `bias (B, 1, 1, N + P)`."""
+@dataclass
+class _GlobalRows:
+    """Operands of the global rows, per batch row: the global queries of every slot and the keys they see."""
+
+    qsel: torch.Tensor  # (B, G, H, D): q_global at each row's global positions (unused slots: any row)
+    k: torch.Tensor  # (B, N, H, D) k_global
+    v: torch.Tensor  # (B, N, H, D) v_global
+    prefix_k: torch.Tensor | None  # (B, P, H, D)
+    prefix_v: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None  # (B, N)
+    counts: list[int]  # used slots per batch row
+
+    def queries(self, b: int) -> torch.Tensor:
+        return self.qsel[b].transpose(0, 1)  # (H, G, D)
+
+    def keys(self, b: int, t: torch.Tensor) -> torch.Tensor:
+        """`(H, N, D)` view of `t[b]`, copied for low-precision dtypes: their products on a strided transposed
+        operand take a slow path (10x in bf16), fp32 products read it as it is (BENCHMARKS.md, "CPU path")."""
+        view = t[b].transpose(0, 1)
+        return view if view.dtype == torch.float32 else view.contiguous()
+
+
+def _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                 global_count) -> _GlobalRows:
     idx = global_idx.long()[:, :, None, None].expand(-1, -1, plan.heads, plan.head_dim)
-    qsel = torch.gather(q_global, 1, idx).transpose(1, 2)
-    keys = [k_global.transpose(1, 2)]
-    vals = [v_global.transpose(1, 2)]
-    if prefix_k is not None:
-        keys.append(prefix_k.transpose(1, 2))
-        vals.append(prefix_v.transpose(1, 2))
-    bias = torch.zeros(plan.batch, 1, 1, plan.n + plan.num_prefix, dtype=dtype)
-    if key_padding_mask is not None:
-        bias[:, 0, 0, : plan.n].masked_fill_(key_padding_mask, torch.finfo(dtype).min / 4)
-    return qsel, torch.cat(keys, 2), torch.cat(vals, 2), bias
+    return _GlobalRows(torch.gather(q_global, 1, idx), k_global, v_global, prefix_k, prefix_v, key_padding_mask,
+                       global_count.tolist())
 
 
-def _global_rows_forward(plan, masks, operands, scale, drop, inv_keep, out) -> None:
-    qsel, keys, vals, bias = operands
-    probs = torch.softmax(torch.add(bias, torch.matmul(qsel, keys.transpose(-1, -2)), alpha=scale), dim=-1)
-    if drop is not None:
-        probs.mul_(drop.next(probs.shape))
-    o = torch.matmul(probs, vals)  # (B, H, G, D)
-    if drop is not None:
-        o.mul_(inv_keep)
-    bsel, rows = masks.global_rows
-    slot = masks.global_valid.nonzero(as_tuple=True)[1]
-    out[bsel, rows] = o[bsel, :, slot]
+def _global_probs(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
+    """Softmax `(H, G, N + P)` of batch row `b`'s global queries over its keys (padding masked), then the prefix."""
+    qs = gr.queries(b)
+    s = torch.bmm(qs, gr.keys(b, gr.k).transpose(1, 2))
+    if gr.prefix_k is not None:
+        s = torch.cat([s, torch.bmm(qs, gr.prefix_k[b].transpose(0, 1).transpose(1, 2))], -1)
+    if gr.key_padding_mask is not None:
+        bias = torch.zeros(plan.n + plan.num_prefix, dtype=s.dtype)
+        bias[: plan.n].masked_fill_(gr.key_padding_mask[b], torch.finfo(s.dtype).min / 4)
+        s = torch.add(bias, s, alpha=scale)
+    else:
+        s = s.mul_(scale)
+    return torch.softmax(s, dim=-1)
 
 
-def _global_rows_backward(plan, masks, operands, grad_out, scale, drop, inv_keep, dtype):
-    """`(dq_global, dk_global, dv_global (B, N, H, D), dprefix_k, dprefix_v (B, H, P, D) fp32 or None)`."""
-    qsel, keys, vals, bias = operands
-    b, n, h, d = plan.batch, plan.n, plan.heads, plan.head_dim
-    bsel, rows = masks.global_rows
-    slot = masks.global_valid.nonzero(as_tuple=True)[1]
-    go = torch.zeros(b, h, plan.num_global, d, dtype=dtype)  # unused slots: zero gradient
-    go[bsel, :, slot] = grad_out[bsel, rows]
-    probs = torch.softmax(torch.add(bias, torch.matmul(qsel, keys.transpose(-1, -2)), alpha=scale), dim=-1)
-    keep = drop.next(probs.shape) if drop is not None else None
-    kept = probs if keep is None else probs * keep
-    dvals = torch.matmul(kept.transpose(-1, -2), go * inv_keep)
-    dp = torch.matmul(go * (inv_keep * scale), vals.transpose(-1, -2))
-    if keep is not None:
-        dp.mul_(keep)
-    ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
-    dq_global = torch.zeros(b, n, h, d, dtype=dtype)
-    dq_global[bsel, rows] = torch.matmul(ds, keys)[bsel, :, slot]
-    dkeys = torch.matmul(ds.transpose(-1, -2), qsel)
-    dk_global = dkeys[:, :, :n].transpose(1, 2).contiguous()
-    dv_global = dvals[:, :, :n].transpose(1, 2).contiguous()
-    if plan.num_prefix:
-        return dq_global, dk_global, dv_global, dkeys[:, :, n:].float(), dvals[:, :, n:].float()
-    return dq_global, dk_global, dv_global, None, None
+def _global_rows_forward(plan, gr: _GlobalRows, global_idx, scale, drop, inv_keep, out) -> None:
+    n = plan.n
+    for b in range(plan.batch):
+        probs = _global_probs(plan, gr, b, scale)
+        if drop is not None:
+            probs.mul_(drop.next(probs.shape))
+        o = torch.bmm(probs[..., :n], gr.v[b].transpose(0, 1))  # (H, G, D)
+        if gr.prefix_v is not None:
+            o.baddbmm_(probs[..., n:], gr.prefix_v[b].transpose(0, 1))
+        if drop is not None:
+            o.mul_(inv_keep)
+        cnt = gr.counts[b]
+        out[b, global_idx[b, :cnt].long()] = o[:, :cnt].transpose(0, 1)
+
+
+def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, drop, inv_keep, grads) -> None:
+    """Writes `grads["dq_g"]` (zeros but the global rows), `grads["dk_g"], grads["dv_g"]` `(B, N, H, D)` and adds
+    the prefix gradients into the fp32 `grads["dk_prefix"], grads["dv_prefix"]` `(B, H, P, D)`."""
+    n, g = plan.n, plan.num_global
+    for b in range(plan.batch):
+        cnt = gr.counts[b]
+        rows = global_idx[b, :cnt].long()
+        go = grad_out.new_zeros(plan.heads, g, plan.head_dim)  # unused slots: zero gradient
+        go[:, :cnt] = grad_out[b, rows].transpose(0, 1)
+        qs = gr.queries(b)
+        probs = _global_probs(plan, gr, b, scale)
+        keep = drop.next(probs.shape) if drop is not None else None
+        kept = probs if keep is None else probs * keep
+        go_v = go * inv_keep
+        go_s = go * (inv_keep * scale)
+        # dK, dV of every key are outer products over the G slots: written straight into the (N, H, D) layout.
+        torch.bmm(kept[..., :n].transpose(1, 2), go_v, out=grads["dv_g"][b].transpose(0, 1))
+        dp = torch.bmm(go_s, gr.keys(b, gr.v).transpose(1, 2))
+        if gr.prefix_v is not None:
+            grads["dv_prefix"][b] += torch.bmm(kept[..., n:].transpose(1, 2), go_v)
+            dp = torch.cat([dp, torch.bmm(go_s, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
+        if keep is not None:
+            dp.mul_(keep)
+        ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        dq = torch.bmm(ds[..., :n], gr.k[b].transpose(0, 1))
+        torch.bmm(ds[..., :n].transpose(1, 2), qs, out=grads["dk_g"][b].transpose(0, 1))
+        if gr.prefix_k is not None:
+            dq.baddbmm_(ds[..., n:], gr.prefix_k[b].transpose(0, 1))
+            grads["dk_prefix"][b] += torch.bmm(ds[..., n:].transpose(1, 2), qs)
+        grads["dq_g"][b, rows] = dq[:, :cnt].transpose(0, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -409,9 +447,9 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
             out.masked_fill_(masks.dead[:, :, None, None], 0.0)
         if g:
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
-            operands = _global_operands(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v,
-                                        key_padding_mask, global_idx, cdt)
-            _global_rows_forward(plan, masks, operands, scale, drop, inv_keep, out)
+            gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                              global_count)
+            _global_rows_forward(plan, gr, global_idx, scale, drop, inv_keep, out)
     return out.to(dtype), lse
 
 
@@ -456,19 +494,20 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
             rows = (torch.arange(b)[:, None].expand(b, g), global_idx.long())
             dk.index_put_(rows, grads["dk_shared"][:, :, :g].transpose(1, 2), accumulate=True)
             dv.index_put_(rows, grads["dv_shared"][:, :, :g].transpose(1, 2), accumulate=True)
-        dpk = grads["dk_shared"][:, :, g:] if has_prefix else None
-        dpv = grads["dv_shared"][:, :, g:] if has_prefix else None
         dq_g = dk_g = dv_g = None
         if g:
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
-            operands = _global_operands(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v,
-                                        key_padding_mask, global_idx, cdt)
-            dq_g, dk_g, dv_g, gpk, gpv = _global_rows_backward(plan, masks, operands, grad_out, scale, drop, inv_keep,
-                                                               cdt)
-            if has_prefix:
-                dpk, dpv = dpk + gpk, dpv + gpv
+            gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                              global_count)
+            grads.update(dq_g=torch.zeros(b, n, h, d, dtype=cdt), dk_g=_empty_out((b, n, h, d), cdt),
+                         dv_g=_empty_out((b, n, h, d), cdt), dk_prefix=grads["dk_shared"][:, :, g:],
+                         dv_prefix=grads["dv_shared"][:, :, g:])
+            _global_rows_backward(plan, gr, global_idx, grad_out, scale, drop, inv_keep, grads)
+            dq_g, dk_g, dv_g = grads["dq_g"], grads["dk_g"], grads["dv_g"]
         elif q_global is not None:
             dq_g, dk_g, dv_g = (torch.zeros(b, n, h, d, dtype=cdt) for _ in range(3))
+        dpk = grads["dk_shared"][:, :, g:] if has_prefix else None
+        dpv = grads["dv_shared"][:, :, g:] if has_prefix else None
     grads_out = [grads["dq"], dk, dv, dq_g, dk_g, dv_g,
                  None if dpk is None else dpk.transpose(1, 2), None if dpv is None else dpv.transpose(1, 2)]
     return tuple(None if t is None else t.to(dtype).contiguous() for t in grads_out)

@@ -164,7 +164,8 @@ def test_low_precision_within_twice_the_same_dtype_error(name, dtype):
 def _documented_keep_masks(x, masks, window, p, seed):
     """Dense `(B, H, N, N + P)` keep masks of the local and the global branch, rebuilt from the backend's
     documented scheme: per group of blocks (in `_groups` order) one draw of `(g, H, rows, Lt)` from the generator
-    seeded with `seed`; the global rows one `(B, H, G, N + P)` draw seeded with `seed + 1`."""
+    seeded with `seed`; per batch row one `(H, G, N + P)` draw for the global rows from the one seeded with
+    `seed + 1`."""
     b, n, h, d = x["q"].shape
     prefix = x["prefix_k"].shape[-3] if "prefix_k" in x else 0
     gidx, gcnt, g = custom_op.global_index(masks["is_global"])
@@ -185,10 +186,11 @@ def _documented_keep_masks(x, masks, window, p, seed):
                 local[bb, :, i, n:] = keep[jj, :, r, band + g :]
     glob = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
     if g:
-        keep = cpu_attention._DropoutMasks(p, seed + 1, torch.float32).next((b, h, g, n + prefix)).bool()
+        drops = cpu_attention._DropoutMasks(p, seed + 1, torch.float32)
         for bb in range(b):
+            keep = drops.next((h, g, n + prefix)).bool()
             for s in range(int(gcnt[bb])):
-                glob[bb, :, int(gidx[bb, s])] = keep[bb, :, s]
+                glob[bb, :, int(gidx[bb, s])] = keep[:, s]
     return local, glob
 
 
