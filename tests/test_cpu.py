@@ -9,7 +9,8 @@
 * dropout: output and all eight gradients equal the dense reference run with the masks the backend documents
   (rebuilt here from its generator), so the forward and the backward use the same masks, scaled by 1 / (1 - p);
   the keep rate; determinism under `torch.manual_seed`; replay under gradient checkpointing.
-* dispatch, `torch.library.opcheck`, and a patched tiny HF Longformer against unpatched HF.
+* memory linear in N, measured inside the op; dispatch; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
+  patched tiny HF models against unpatched HF, forward and backward.
 Outputs are NaN-poisoned before they are written (`POISON_OUTPUTS`), so anything never written fails.
 """
 
