@@ -56,9 +56,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Query rows per block. Smaller blocks waste fewer masked band entries (useful fraction `(2w + 1) / (c + 2w)`),
-# larger ones make larger matrix products; 64 was fastest at w = 64..256 (BENCHMARKS.md, "CPU path").
+# Query rows per block: `min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2w))`. Smaller blocks waste fewer masked band entries
+# (useful fraction `(2w + 1) / (c + 2w)`), larger ones make larger matrix products: 64 was fastest at w = 64 and
+# 128, 16-32 at w = 16 (BENCHMARKS.md, "CPU path").
 BLOCK_ROWS = 64
+MIN_BLOCK_ROWS = 16
 # Bytes of scores per group (`g * H * c * Lt` elements): enough work per matmul call, small enough that the
 # group's scores, probabilities and their gradients stay in the caches.
 GROUP_BYTES = 1 << 20
@@ -109,7 +111,7 @@ class _Plan:
 
 def _plan(q: torch.Tensor, window: int, num_global: int, num_prefix: int) -> _Plan:
     b, n, h, d = q.shape
-    c = max(1, min(BLOCK_ROWS, n))
+    c = max(1, min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2 * window), n))
     return _Plan(b, n, h, d, window, c, -(-n // c), num_global, num_prefix, q.element_size())
 
 
