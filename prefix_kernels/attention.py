@@ -22,11 +22,14 @@ import torch
 from .checks import AttentionArgs, check_inputs
 
 # `auto` order, fastest first. Measured at the headline shape (bf16, B=4, N=16384, H=12, D=64, w=256, 17
-# globals, H200): Triton 0.70 ms forward / 2.49 ms forward+backward, the CUDA library 7.05 / 24.7 ms.
-BACKEND_ORDER = ("triton", "cuda", "reference")
+# globals, H200): Triton 0.70 ms forward / 2.49 ms forward+backward, the CUDA library 7.05 / 24.7 ms. On a CPU
+# the `cpu` backend (block-batched matmuls) serves fp32/bf16/fp16 faster than HF's eager attention; `reference`
+# (the readable statement of the semantics) stays last and serves everything else (fp64, any device).
+BACKEND_ORDER = ("triton", "cuda", "cpu", "reference")
 _BACKEND_MODULES = {
     "cuda": "prefix_kernels.cuda_attention",
     "triton": "prefix_kernels.triton_attention",
+    "cpu": "prefix_kernels.cpu_attention",
     "reference": "prefix_kernels.reference",
 }
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
@@ -59,9 +62,8 @@ def _unavailable(name: str) -> str | None:
 
 
 def available_backends() -> dict[str, str | None]:
-    """`{"cuda": None | "why not", "triton": ..., "reference": None}`: `None` means usable on this machine.
-
-    Usable is not the same as chosen by `auto`: see `auto_skips()`.
+    """`{"triton": None | "why not", "cuda": ..., "cpu": ..., "reference": None}`: `None` means usable on this
+    machine. Usable is not the same as chosen by `auto`: see `auto_skips()`.
     """
     return {name: _unavailable(name) for name in BACKEND_ORDER}
 
@@ -138,8 +140,8 @@ def longformer_attention(
         prefix_k, prefix_v: `(B, P, H, D)` or `(P, H, D)` prefix-tuning keys/values seen by every query.
         softmax_scale: defaults to `D ** -0.5`.
         dropout_p: attention dropout on both probability matrices (pass 0 in eval).
-        backend: "auto" | a name in `BACKEND_ORDER`; env `PREFIX_KERNELS_BACKEND` overrides. `auto` takes the
-            first backend that can serve the call, never Triton's interpreter.
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env `PREFIX_KERNELS_BACKEND` overrides.
+            `auto` takes the first backend that can serve the call, never Triton's interpreter.
 
     Returns:
         `(B, N, H, D)` in `q.dtype`; padding rows and rows with no admissible key are 0.

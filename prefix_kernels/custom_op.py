@@ -1,4 +1,5 @@
-"""The custom-op and autograd layer shared by the fused backends (`triton_attention`, `cuda_attention`).
+"""The custom-op and autograd layer shared by the fused backends (`triton_attention`, `cuda_attention`,
+`cpu_attention`).
 
 Two `torch.library` custom ops, `prefix_kernels::fused_attention_fwd` and `prefix_kernels::fused_attention_bwd`,
 take a `backend: str` and call that backend module's launchers. They carry `register_fake` (shapes only) and one
@@ -38,7 +39,11 @@ from torch import Tensor
 from .checks import AttentionArgs
 from .reference import global_positions
 
-_BACKEND_MODULES = {"triton": "prefix_kernels.triton_attention", "cuda": "prefix_kernels.cuda_attention"}
+_BACKEND_MODULES = {
+    "triton": "prefix_kernels.triton_attention",
+    "cuda": "prefix_kernels.cuda_attention",
+    "cpu": "prefix_kernels.cpu_attention",
+}
 
 
 def _backend(name: str):
@@ -186,7 +191,7 @@ fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(args: AttentionArgs, backend: str) -> Tensor:
-    """`(B, N, H, D)` attention through the fused custom op of `backend` ("triton" or "cuda")."""
+    """`(B, N, H, D)` attention through the fused custom op of `backend` ("triton", "cuda" or "cpu")."""
     seed = None
     if args.dropout_p > 0:
         # Drawn from torch's default CPU generator so torch.utils.checkpoint's RNG restore replays it; the range

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# CPU tensors' kernels: where `prefix_kernels::*` custom ops are re-dispatched, below the Python mode.
+_BELOW_PYTHON = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
 
 class _StorageTracker(TorchDispatchMode):
     """Counts storages created by ops inside the mode; a storage counts until its last tensor dies."""
@@ -31,6 +34,12 @@ class _StorageTracker(TorchDispatchMode):
             self._refs[ptr] = left
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", None) == "prefix_kernels":
+            # The package's own custom ops run Python implementations whose workspace a mode would not see (it
+            # is switched off while it handles an op): run the implementation with the mode on, so every
+            # storage it creates, its outputs included, is counted.
+            with self:
+                return func.redispatch(_BELOW_PYTHON, *args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":

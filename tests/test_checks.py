@@ -81,15 +81,15 @@ def test_padding_wins_over_global_and_prefix_is_expanded():
 
 def test_available_backends_and_explicit_backend_reasons(monkeypatch):
     backends = pk.available_backends()
-    assert set(backends) == {"cuda", "triton", "reference"}
-    assert backends["reference"] is None
+    assert set(backends) == {"cuda", "triton", "cpu", "reference"}
+    assert backends["reference"] is None and backends["cpu"] is None
     args = check_inputs(**base(q=t(2, 10, 2, 4, dtype=torch.float64), k=t(2, 10, 2, 4, dtype=torch.float64)) | {
         "v": t(2, 10, 2, 4, dtype=torch.float64),
         "q_global": None, "k_global": None, "v_global": None, "is_global": None, "prefix_k": None, "prefix_v": None,
     })
     # fp64 on the CPU: only the reference serves it, auto finds it, explicit fused backends explain why not.
     assert select_backend(args, "auto") == "reference"
-    for name in ("cuda", "triton"):
+    for name in ("cuda", "triton", "cpu"):
         with pytest.raises(ValueError, match=f"backend '{name}' cannot serve this call"):
             select_backend(args, name)
     monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "reference")

@@ -1,0 +1,538 @@
+"""CPU backend: Longformer attention as block-batched PyTorch matmuls, forward and backward.
+
+Read top to bottom: the block plan, the additive masks, the dropout masks, the local rows (forward, backward), the
+global rows (forward, backward), the launchers `forward` / `backward` (contract: `prefix_kernels.custom_op`), then
+the backend-module functions `unavailable_reason`, `cannot_serve`, `attention`. Pure PyTorch: nothing to build.
+
+Local rows. The `N` queries are cut into blocks of `c` rows (`_plan`). Block `j` (rows `j*c .. j*c + c - 1`) sees
+`Lt = L + G + P` key columns: the `L = c + 2w` band positions `j*c - w .. j*c + c + w - 1`, then the `G` compact
+global keys (through the local `k, v`), then the `P` prefix keys. Row `r` of a block sees band column `t` iff
+`r <= t <= r + 2w`, the same for every block (`band_bias (c, Lt)`); columns out of `0..N-1`, padding, global
+(a global key counts once, through its global column) or an unused global slot are removed per block
+(`col_bias (B, nb, Lt)`). Consecutive blocks of one batch row form a group: one batched matmul
+`(g, H, c, D) x (g, H, D, Lt)`, the mask, a softmax over the `Lt` columns, a second matmul. Only one group's
+`(g, H, c, Lt)` scores exist at a time (`GROUP_BYTES` bounds them), so memory is `O(N)`: the padded `k, v`,
+the output and one group's workspace; autograd keeps only what the custom op saves (inputs, `out`, `lse`).
+
+Global rows: per batch row, the `G` global queries against all `N` keys (+ prefix) with the global projections,
+batched over the heads, scattered into the output; in the backward the key gradients (outer products over the
+`G` slots) are written straight into their `(B, N, H, D)` outputs.
+
+Masking uses a large finite negative (`finfo.min / 4`, so two of them still add up to a finite number), never
+`-inf`: a row whose every column is masked then gets a finite softmax instead of NaN. Such rows, and every row
+whose local result is not the output (padding rows; global rows, whose result comes from the global branch),
+are "dead": their output is set to 0 and their output gradient to 0 before the backward, so they contribute
+nothing. A local row always sees at least itself, so no live row is ever fully masked.
+
+Backward. Each group's scores and softmax are recomputed (every key of a row is in its block, so the softmax is
+one fused pass: cheaper than computing a log-sum-exp in the forward and `exp(s - lse)` here); `dS` comes from
+`torch._softmax_backward_data`; the softmax scale and the dropout scale are folded into the output gradient,
+so no pass over the scores multiplies by them. Band-key gradients are overlap-added (the windows of
+neighbouring blocks overlap by `2w`) into fp32 buffers; global-key and prefix gradients are summed over the
+blocks in fp32. `lse`, which the contract lets each backend define, is unused here: zeros.
+
+Dropout (`p > 0`): one 16-bit word per (row, column) of each group from a `torch.Generator` seeded with the op's
+seed (local rows, group by group; the global rows draw `(H, G, N + P)` per batch row from one seeded with
+`seed + 1`), in a fixed order (`torch.int64.random_` viewed as four
+int16 words: half the generator time of 32-bit words, which matters: drawing is the dropout's main cost). An
+entry is dropped iff its signed word is below `round(p * 2**16) - 2**15`, i.e. with probability `p` rounded to a
+multiple of `2**-16`; kept entries are scaled by `1 / (1 - p)`. The backward draws the same words in the same
+order, so it replays the forward's masks exactly, and so does a gradient checkpoint's recompute (its seed comes
+from torch's generator).
+
+dtypes: fp32 computes in fp32. bf16 computes in bf16 matmuls (fp32 accumulation inside each product; softmax
+statistics in fp32; scores, probabilities and `dS` rounded to bf16, as Hugging Face's eager attention does on a
+CPU). fp16 computes in fp32 and rounds the results: CPUs without AVX512-FP16 have no fast fp16 matrix products
+(see BENCHMARKS.md). fp64 stays on the reference backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+# Query rows per block: `min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2w))`. Smaller blocks waste fewer masked band entries
+# (useful fraction `(2w + 1) / (c + 2w)`), larger ones make larger matrix products: 64 was fastest at w = 64 and
+# 128, 16-32 at w = 16 (BENCHMARKS.md, "CPU path").
+BLOCK_ROWS = 64
+MIN_BLOCK_ROWS = 16
+# Bytes of scores per group (`g * H * c * Lt` elements): enough work per matmul call, small enough that the
+# group's scores, probabilities and their gradients stay in the caches.
+GROUP_BYTES = 1 << 20
+# Set (or env PREFIX_KERNELS_POISON=1) to NaN-fill every output before it is written: tests catch elements that
+# are never written.
+POISON_OUTPUTS = False
+
+
+def _empty_out(shape, dtype) -> torch.Tensor:
+    if POISON_OUTPUTS or os.environ.get("PREFIX_KERNELS_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.empty(shape, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Block plan and masks
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    batch: int
+    n: int
+    heads: int
+    head_dim: int
+    window: int
+    block: int  # c: query rows per block
+    num_blocks: int  # nb = ceil(N / c)
+    num_global: int  # G: global-key columns (the largest per-row count)
+    num_prefix: int  # P
+    itemsize: int  # bytes per element of the compute dtype
+
+    @property
+    def band(self) -> int:
+        """`L = c + 2w` band columns per block."""
+        return self.block + 2 * self.window
+
+    @property
+    def cols(self) -> int:
+        """`Lt = L + G + P` key columns per block."""
+        return self.band + self.num_global + self.num_prefix
+
+    @property
+    def padded_len(self) -> int:
+        """Rows of the padded `k, v` (and of the fp32 gradient buffers): `w` before, enough after."""
+        return self.num_blocks * self.block + self.band
+
+
+def _plan(q: torch.Tensor, window: int, num_global: int, num_prefix: int) -> _Plan:
+    b, n, h, d = q.shape
+    c = max(1, min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2 * window), n))
+    return _Plan(b, n, h, d, window, c, -(-n // c), num_global, num_prefix, q.element_size())
+
+
+def _groups(plan: _Plan) -> Iterator[tuple[int, int, int, int]]:
+    """`(b, j0, j1, rows)`: blocks `j0 .. j1 - 1` of batch row `b`, `rows` query rows each (a last partial block
+    is a group of its own). The order is fixed: the dropout masks are drawn in it."""
+    c, h, cols = plan.block, plan.heads, plan.cols
+    full = plan.n // c
+    per_group = max(1, GROUP_BYTES // (plan.itemsize * h * c * cols))
+    for b in range(plan.batch):
+        for j0 in range(0, full, per_group):
+            yield b, j0, min(full, j0 + per_group), c
+        if plan.n % c:
+            yield b, full, full + 1, plan.n % c
+
+
+@dataclass
+class _Masks:
+    band_bias: torch.Tensor  # (c, Lt) additive, shared by every block
+    col_bias: torch.Tensor  # (B, nb, Lt) additive, per block
+    dead: torch.Tensor | None  # (B, N) bool: rows whose local result is not the output (padding, global)
+    global_rows: tuple[torch.Tensor, torch.Tensor] | None  # (batch index, position) of every used global slot
+    global_valid: torch.Tensor | None  # (B, G) bool: slot g < global_count[b]
+
+
+def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
+    b, n, c, w, band, g = plan.batch, plan.n, plan.block, plan.window, plan.band, plan.num_global
+    neg = torch.finfo(dtype).min / 4
+    r = torch.arange(c)[:, None]
+    t = torch.arange(band)[None, :]
+    band_bias = torch.zeros(c, plan.cols, dtype=dtype)
+    band_bias[:, :band].masked_fill_((t < r) | (t > r + 2 * w), neg)
+
+    key_ok = torch.ones(b, n, dtype=torch.bool)
+    dead = None
+    global_rows = global_valid = None
+    if key_padding_mask is not None:
+        key_ok &= ~key_padding_mask
+        dead = key_padding_mask.clone()
+    if g:
+        global_valid = torch.arange(g)[None, :] < global_count[:, None]
+        bsel, slot = global_valid.nonzero(as_tuple=True)
+        global_rows = (bsel, global_idx[bsel, slot].long())
+        key_ok[global_rows] = False
+        dead = torch.zeros(b, n, dtype=torch.bool) if dead is None else dead
+        dead[global_rows] = True
+    padded_ok = torch.zeros(b, plan.padded_len, dtype=torch.bool)
+    padded_ok[:, w : w + n] = key_ok
+    col_ok = [padded_ok.unfold(1, band, c)[:, : plan.num_blocks]]
+    if g:
+        col_ok.append(global_valid[:, None, :].expand(b, plan.num_blocks, g))
+    if plan.num_prefix:
+        col_ok.append(torch.ones(b, plan.num_blocks, plan.num_prefix, dtype=torch.bool))
+    col_bias = torch.zeros(b, plan.num_blocks, plan.cols, dtype=dtype).masked_fill_(~torch.cat(col_ok, -1), neg)
+    return _Masks(band_bias, col_bias, dead, global_rows, global_valid)
+
+
+_MASK_CACHE: dict[tuple, tuple[list, _Masks]] = {}
+_MASK_CACHE_SIZE = 8
+
+
+def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
+    """`_masks`, reused while the same mask tensors come back unchanged: every layer of a model and every backward
+    pass sees the same `key_padding_mask` and (from `custom_op.global_index`'s cache) the same global index."""
+    tensors = [t for t in (key_padding_mask, global_idx, global_count) if t is not None]
+    key = (plan, dtype, *((id(t), t._version) for t in tensors))
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
+        return hit[1]
+    masks = _masks(plan, key_padding_mask, global_idx, global_count, dtype)
+    if len(_MASK_CACHE) >= _MASK_CACHE_SIZE:
+        _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
+    _MASK_CACHE[key] = ([weakref.ref(t) for t in tensors], masks)
+    return masks
+
+
+class _DropoutMasks:
+    """Dropout keep masks (1 kept, 0 dropped, in the compute dtype) drawn from a generator seeded by the op's seed,
+    in call order."""
+
+    def __init__(self, p: float, seed: int, dtype: torch.dtype):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+        # A uniform signed 16-bit word is below `threshold` with probability round(p * 2**16) / 2**16.
+        self.threshold = torch.tensor(min(round(p * 2**16), 2**16 - 1) - 2**15, dtype=torch.int16)
+
+    def next(self, shape: torch.Size) -> torch.Tensor:
+        numel = math.prod(shape)
+        words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=self.generator)
+        # In the compute dtype: multiplying bf16 by a bool tensor takes 7x longer than by bf16 (mixed dtypes).
+        return (words.view(torch.int16)[:numel].view(shape) >= self.threshold).to(self.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Local rows
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Keys:
+    """One key/value source for the local rows: the padded band rows and the columns every block shares."""
+
+    padded: torch.Tensor  # (B, padded_len, H, D): position `i` at row `i + w`, zeros around
+    shared: torch.Tensor | None  # (B, H, G + P, D): global keys (through the local projection), then prefix
+
+
+def _local_keys(plan: _Plan, x, prefix, global_idx) -> _Keys:
+    w, n = plan.window, plan.n
+    # Only the margins are zeroed (F.pad would fill the whole buffer first).
+    padded = x.new_empty((plan.batch, plan.padded_len, plan.heads, plan.head_dim))
+    padded[:, :w].zero_()
+    padded[:, w + n :].zero_()
+    padded[:, w : w + n].copy_(x)
+    shared = []
+    if plan.num_global:
+        idx = global_idx.long()[:, :, None, None].expand(-1, -1, plan.heads, plan.head_dim)
+        shared.append(torch.gather(x, 1, idx).transpose(1, 2))
+    if prefix is not None:
+        shared.append(prefix.transpose(1, 2))
+    return _Keys(padded, torch.cat(shared, 2) if shared else None)
+
+
+def _block_keys(plan: _Plan, keys: _Keys, b: int, j0: int, j1: int) -> torch.Tensor:
+    """`(j1 - j0, H, Lt, D)` contiguous: the band rows of blocks `j0 .. j1 - 1`, then the shared columns."""
+    p = keys.padded
+    s = p.stride()
+    band = p.as_strided((j1 - j0, plan.heads, plan.band, plan.head_dim), (plan.block * s[1], s[2], s[1], s[3]),
+                        p.storage_offset() + b * s[0] + j0 * plan.block * s[1])
+    if keys.shared is None:
+        return band.contiguous()
+    shared = keys.shared[b : b + 1].expand(j1 - j0, -1, -1, -1)
+    return torch.cat([band, shared], 2)
+
+
+def _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale):
+    """Masked, scaled scores `(g, H, rows, Lt)` and the group's `(g, H, rows, D)` query view."""
+    r0 = j0 * plan.block
+    qb = q[b, r0 : r0 + (j1 - j0) * rows].view(j1 - j0, rows, plan.heads, plan.head_dim).transpose(1, 2)
+    bias = masks.band_bias[:rows] + masks.col_bias[b, j0:j1, None, :]
+    return torch.add(bias[:, None], torch.matmul(qb, kb.transpose(-1, -2)), alpha=scale), qb
+
+
+def _rows_view(t: torch.Tensor, plan: _Plan, b: int, j0: int, j1: int, rows: int) -> torch.Tensor:
+    """The group's rows of a `(B, N, H, D)` tensor as `(g, rows, H, D)`."""
+    r0 = j0 * plan.block
+    return t[b, r0 : r0 + (j1 - j0) * rows].view(j1 - j0, rows, plan.heads, plan.head_dim)
+
+
+def _local_rows_forward(plan, masks, q, ks: _Keys, vs: _Keys, scale, drop, inv_keep, out) -> None:
+    for b, j0, j1, rows in _groups(plan):
+        kb = _block_keys(plan, ks, b, j0, j1)
+        s, _ = _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale)
+        probs = torch.softmax(s, dim=-1)
+        del s
+        if drop is not None:
+            probs.mul_(drop.next(probs.shape))
+        o = torch.matmul(probs, _block_keys(plan, vs, b, j0, j1))
+        if drop is not None:
+            o.mul_(inv_keep)
+        _rows_view(out, plan, b, j0, j1, rows).copy_(o.transpose(1, 2))
+
+
+def _fold_band(acc: torch.Tensor, part: torch.Tensor, plan: _Plan, j0: int) -> None:
+    """Overlap-add `part (g, H, L, D)`, the band-column gradients of blocks `j0 ..`, into `acc (padded_len, H, D)`:
+    column `t` of block `j` is padded row `j*c + t`. One strided add per `c` columns."""
+    c, g = plan.block, part.shape[0]
+    for t0 in range(0, plan.band, c):
+        m = min(c, plan.band - t0)
+        start = j0 * c + t0
+        rows = acc[start : start + g * c].view(g, c, plan.heads, plan.head_dim)
+        rows[:, :m] += part[:, :, t0 : t0 + m].transpose(1, 2)
+
+
+def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads) -> None:
+    """`go_v`: output gradient for dV (dead rows 0, times `1 / (1 - p)`); `go_s`: the same times `scale`.
+    Fills `grads["dq"]` rows and accumulates into the fp32 buffers `dk_pad, dv_pad, dk_shared, dv_shared`."""
+    band = plan.band
+    for b, j0, j1, rows in _groups(plan):
+        kb = _block_keys(plan, ks, b, j0, j1)
+        vb = _block_keys(plan, vs, b, j0, j1)
+        s, qb = _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale)
+        probs = torch.softmax(s, dim=-1)
+        del s
+        keep = drop.next(probs.shape) if drop is not None else None
+        kept = probs if keep is None else probs * keep
+        gv = _rows_view(go_v, plan, b, j0, j1, rows).transpose(1, 2)
+        dvb = torch.matmul(kept.transpose(-1, -2), gv)
+        del kept
+        dp = torch.matmul(_rows_view(go_s, plan, b, j0, j1, rows).transpose(1, 2), vb.transpose(-1, -2))
+        if keep is not None:
+            dp.mul_(keep)
+        ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        del dp, probs
+        _rows_view(grads["dq"], plan, b, j0, j1, rows).copy_(torch.matmul(ds, kb).transpose(1, 2))
+        dkb = torch.matmul(ds.transpose(-1, -2), qb)
+        del ds
+        for part, name in ((dkb, "dk"), (dvb, "dv")):
+            part = part.float()  # one conversion per group, not one per strided add
+            _fold_band(grads[name + "_pad"][b], part[:, :, :band], plan, j0)
+            if band < plan.cols:
+                grads[name + "_shared"][b] += part[:, :, band:].sum(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Global rows
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _GlobalRows:
+    """Operands of the global rows, per batch row: the global queries of every slot and the keys they see."""
+
+    qsel: torch.Tensor  # (B, G, H, D): q_global at each row's global positions (unused slots: any row)
+    k: torch.Tensor  # (B, N, H, D) k_global
+    v: torch.Tensor  # (B, N, H, D) v_global
+    prefix_k: torch.Tensor | None  # (B, P, H, D)
+    prefix_v: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None  # (B, N)
+    counts: list[int]  # used slots per batch row
+
+    def queries(self, b: int) -> torch.Tensor:
+        return self.qsel[b].transpose(0, 1)  # (H, G, D)
+
+    def keys(self, b: int, t: torch.Tensor) -> torch.Tensor:
+        """`(H, N, D)` view of `t[b]`, copied for low-precision dtypes: their products on a strided transposed
+        operand take a slow path (10x in bf16), fp32 products read it as it is (BENCHMARKS.md, "CPU path")."""
+        view = t[b].transpose(0, 1)
+        return view if view.dtype == torch.float32 else view.contiguous()
+
+
+def _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                 global_count) -> _GlobalRows:
+    idx = global_idx.long()[:, :, None, None].expand(-1, -1, plan.heads, plan.head_dim)
+    return _GlobalRows(torch.gather(q_global, 1, idx), k_global, v_global, prefix_k, prefix_v, key_padding_mask,
+                       global_count.tolist())
+
+
+def _global_probs(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
+    """Softmax `(H, G, N + P)` of batch row `b`'s global queries over its keys (padding masked), then the prefix."""
+    qs = gr.queries(b)
+    s = torch.bmm(qs, gr.keys(b, gr.k).transpose(1, 2))
+    if gr.prefix_k is not None:
+        s = torch.cat([s, torch.bmm(qs, gr.prefix_k[b].transpose(0, 1).transpose(1, 2))], -1)
+    if gr.key_padding_mask is not None:
+        bias = torch.zeros(plan.n + plan.num_prefix, dtype=s.dtype)
+        bias[: plan.n].masked_fill_(gr.key_padding_mask[b], torch.finfo(s.dtype).min / 4)
+        s = torch.add(bias, s, alpha=scale)
+    else:
+        s = s.mul_(scale)
+    return torch.softmax(s, dim=-1)
+
+
+def _global_rows_forward(plan, gr: _GlobalRows, global_idx, scale, drop, inv_keep, out) -> None:
+    n = plan.n
+    for b in range(plan.batch):
+        probs = _global_probs(plan, gr, b, scale)
+        if drop is not None:
+            probs.mul_(drop.next(probs.shape))
+        o = torch.bmm(probs[..., :n], gr.v[b].transpose(0, 1))  # (H, G, D)
+        if gr.prefix_v is not None:
+            o.baddbmm_(probs[..., n:], gr.prefix_v[b].transpose(0, 1))
+        if drop is not None:
+            o.mul_(inv_keep)
+        cnt = gr.counts[b]
+        out[b, global_idx[b, :cnt].long()] = o[:, :cnt].transpose(0, 1)
+
+
+def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, drop, inv_keep, grads) -> None:
+    """Writes `grads["dq_g"]` (zeros but the global rows), `grads["dk_g"], grads["dv_g"]` `(B, N, H, D)` and adds
+    the prefix gradients into the fp32 `grads["dk_prefix"], grads["dv_prefix"]` `(B, H, P, D)`."""
+    n, g = plan.n, plan.num_global
+    for b in range(plan.batch):
+        cnt = gr.counts[b]
+        rows = global_idx[b, :cnt].long()
+        go = grad_out.new_zeros(plan.heads, g, plan.head_dim)  # unused slots: zero gradient
+        go[:, :cnt] = grad_out[b, rows].transpose(0, 1)
+        qs = gr.queries(b)
+        probs = _global_probs(plan, gr, b, scale)
+        keep = drop.next(probs.shape) if drop is not None else None
+        kept = probs if keep is None else probs * keep
+        go_v = go * inv_keep
+        go_s = go * (inv_keep * scale)
+        # dK, dV of every key are outer products over the G slots: written straight into the (N, H, D) layout.
+        torch.bmm(kept[..., :n].transpose(1, 2), go_v, out=grads["dv_g"][b].transpose(0, 1))
+        dp = torch.bmm(go_s, gr.keys(b, gr.v).transpose(1, 2))
+        if gr.prefix_v is not None:
+            grads["dv_prefix"][b] += torch.bmm(kept[..., n:].transpose(1, 2), go_v)
+            dp = torch.cat([dp, torch.bmm(go_s, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
+        if keep is not None:
+            dp.mul_(keep)
+        ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        dq = torch.bmm(ds[..., :n], gr.k[b].transpose(0, 1))
+        torch.bmm(ds[..., :n].transpose(1, 2), qs, out=grads["dk_g"][b].transpose(0, 1))
+        if gr.prefix_k is not None:
+            dq.baddbmm_(ds[..., n:], gr.prefix_k[b].transpose(0, 1))
+            grads["dk_prefix"][b] += torch.bmm(ds[..., n:].transpose(1, 2), qs)
+        grads["dq_g"][b, rows] = dq[:, :cnt].transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launchers (contract: prefix_kernels.custom_op)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
+    """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (unused by this backend: zeros)."""
+    b, n, h, d = q.shape
+    dtype = q.dtype
+    lse = torch.zeros(b, h, n, dtype=torch.float32)
+    if n == 0:
+        return _empty_out(q.shape, dtype), lse
+    cdt = _compute_dtype(dtype)
+    with torch.autocast("cpu", enabled=False):
+        q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
+            _cast(t, cdt) for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+        g = max_global if q_global is not None else 0
+        plan = _plan(q, window, g, 0 if prefix_k is None else prefix_k.shape[1])
+        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        out = _empty_out((b, n, h, d), cdt)
+        drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
+        ks = _local_keys(plan, k, prefix_k, global_idx)
+        vs = _local_keys(plan, v, prefix_v, global_idx)
+        _local_rows_forward(plan, masks, q, ks, vs, scale, drop, inv_keep, out)
+        if masks.dead is not None:
+            out.masked_fill_(masks.dead[:, :, None, None], 0.0)
+        if g:
+            drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
+            gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                              global_count)
+            _global_rows_forward(plan, gr, global_idx, scale, drop, inv_keep, out)
+    return out.to(dtype), lse
+
+
+def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+             global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
+    """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
+    b, n, h, d = q.shape
+    dtype = q.dtype
+    has_prefix = prefix_k is not None
+    if n == 0:
+        zeros = [None if t is None else torch.zeros(t.shape, dtype=dtype)
+                 for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v)]
+        return tuple(zeros)
+    cdt = _compute_dtype(dtype)
+    with torch.autocast("cpu", enabled=False):
+        grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
+            _cast(t, cdt) for t in (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+        g = max_global if q_global is not None else 0
+        p = prefix_k.shape[1] if has_prefix else 0
+        plan = _plan(q, window, g, p)
+        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        go = grad_out if masks.dead is None else grad_out.masked_fill(masks.dead[:, :, None, None], 0.0)
+        go_v = go * inv_keep if dropout_p > 0 else go
+        go_s = go * (inv_keep * scale)
+        grads = {
+            "dq": _empty_out((b, n, h, d), cdt),
+            "dk_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
+            "dv_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
+            "dk_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
+            "dv_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
+        }
+        drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
+        ks = _local_keys(plan, k, prefix_k, global_idx)
+        vs = _local_keys(plan, v, prefix_v, global_idx)
+        _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
+        del ks, vs, go_v, go_s
+        dk = grads["dk_pad"][:, window : window + n]
+        dv = grads["dv_pad"][:, window : window + n]
+        if g:
+            # Global keys, seen by every local row through the local k, v (unused slots carry exact zeros).
+            rows = (torch.arange(b)[:, None].expand(b, g), global_idx.long())
+            dk.index_put_(rows, grads["dk_shared"][:, :, :g].transpose(1, 2), accumulate=True)
+            dv.index_put_(rows, grads["dv_shared"][:, :, :g].transpose(1, 2), accumulate=True)
+        dq_g = dk_g = dv_g = None
+        if g:
+            drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
+            gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                              global_count)
+            grads.update(dq_g=torch.zeros(b, n, h, d, dtype=cdt), dk_g=_empty_out((b, n, h, d), cdt),
+                         dv_g=_empty_out((b, n, h, d), cdt), dk_prefix=grads["dk_shared"][:, :, g:],
+                         dv_prefix=grads["dv_shared"][:, :, g:])
+            _global_rows_backward(plan, gr, global_idx, grad_out, scale, drop, inv_keep, grads)
+            dq_g, dk_g, dv_g = grads["dq_g"], grads["dk_g"], grads["dv_g"]
+        elif q_global is not None:
+            dq_g, dk_g, dv_g = (torch.zeros(b, n, h, d, dtype=cdt) for _ in range(3))
+        dpk = grads["dk_shared"][:, :, g:] if has_prefix else None
+        dpv = grads["dv_shared"][:, :, g:] if has_prefix else None
+    grads_out = [grads["dq"], dk, dv, dq_g, dk_g, dv_g,
+                 None if dpk is None else dpk.transpose(1, 2), None if dpv is None else dpv.transpose(1, 2)]
+    return tuple(None if t is None else t.to(dtype).contiguous() for t in grads_out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Backend-module interface (see `prefix_kernels.attention`)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def unavailable_reason() -> str | None:
+    return None  # pure PyTorch: runs wherever torch does
+
+
+def cannot_serve(args) -> str | None:
+    if args.device.type != "cpu":
+        return f"needs CPU tensors, got {args.device}"
+    if args.dtype == torch.float64:
+        return "float64 is served by the reference backend only"
+    return None
+
+
+def attention(args) -> torch.Tensor:
+    from .custom_op import fused_attention
+
+    return fused_attention(args, "cpu")

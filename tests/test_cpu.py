@@ -1,0 +1,360 @@
+"""The "cpu" backend (block-batched PyTorch matmuls) against the dense float64 reference.
+
+* fp32: random problems (hypothesis) with padding, global tokens (a different count per row, some rows none),
+  shared and per-batch prefixes, windows from 0 to beyond N, any N, and block / group sizes from one row up, so
+  partial blocks, several groups and the band-gradient overlap-add all run; output and all eight gradients
+  within ~1e-5 of float64.
+* bf16 / fp16: error within 2x that of the same computation done by PyTorch in that dtype (matmuls in the
+  dtype, softmax in fp32), plus a small atol.
+* dropout: output and all eight gradients equal the dense reference run with the masks the backend documents
+  (rebuilt here from its generator), so the forward and the backward use the same masks, scaled by 1 / (1 - p);
+  the keep rate; determinism under `torch.manual_seed`; replay under gradient checkpointing.
+* memory linear in N, measured inside the op; dispatch; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
+  patched tiny HF models against unpatched HF, forward and backward.
+Outputs are NaN-poisoned before they are written (`POISON_OUTPUTS`), so anything never written fails.
+"""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from conftest import random_inputs, random_masks
+
+import prefix_kernels as pk
+from prefix_kernels import cpu_attention, custom_op, reference
+from prefix_kernels.attention import select_backend
+from prefix_kernels.checks import check_inputs
+from prefix_kernels.reference import dense_attention
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "POISON_OUTPUTS", True)
+
+
+def _cpu(**kw):
+    return pk.longformer_attention(**kw, backend="cpu")
+
+
+def _run(fn, x, masks, window, dtype, grad_out, **kw):
+    """Output and the eight input gradients (`None` for an absent input) of `fn` on `x` cast to `dtype`."""
+    leaves = {k: t.detach().to(dtype).requires_grad_() for k, t in x.items()}
+    out = fn(**leaves, **masks, window=window, **kw)
+    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype)), strict=True))
+    return out, [grads.get(name) for name in GRAD_NAMES]
+
+
+def _problem(b, n, h, d, *, n_global, pad_max, prefix, batch_prefix, seed):
+    x = random_inputs(b, n, h, d, prefix=prefix, batch_prefix=batch_prefix, dtype=torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=g)
+    grad_out = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    return x, {"is_global": is_global, "key_padding_mask": pad}, grad_out
+
+
+def _assert_close(label, got, want, atol, base=None):
+    assert torch.isfinite(got).all(), f"{label}: non-finite (unwritten / NaN)"
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want).abs().max().item()
+    base_err = 0.0 if base is None else (base.double() - want).abs().max().item()
+    assert err <= 2 * base_err + atol * scale, f"{label}: err {err:.3g}, same-dtype PyTorch {base_err:.3g}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3), n=st.integers(1, 90), h=st.integers(1, 2), d=st.sampled_from([4, 8, 16]),
+    window=st.integers(0, 40), n_global=st.tuples(st.integers(0, 2), st.integers(0, 4)), pad_max=st.integers(0, 90),
+    prefix=st.integers(0, 5), batch_prefix=st.booleans(), block=st.sampled_from([1, 3, 8, 64]),
+    group_bytes=st.sampled_from([1, 3000, 1 << 20]), seed=st.integers(0, 2**16),
+)
+def test_fp32_matches_dense_reference(b, n, h, d, window, n_global, pad_max, prefix, batch_prefix, block,
+                                      group_bytes, seed):
+    lo, hi = min(n_global), max(n_global)
+    x, masks, grad_out = _problem(b, n, h, d, n_global=(lo, hi), pad_max=pad_max, prefix=prefix,
+                                  batch_prefix=batch_prefix, seed=seed)
+    with mock.patch.object(cpu_attention, "BLOCK_ROWS", block), \
+            mock.patch.object(cpu_attention, "GROUP_BYTES", group_bytes):
+        out, grads = _run(_cpu, x, masks, window, torch.float32, grad_out)
+    ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out)
+    assert out.dtype == torch.float32
+    for label, got, want in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
+        assert (got is None) == (want is None), label
+        if got is not None:
+            _assert_close(label, got, want, 1e-5)
+    pad = masks["key_padding_mask"]
+    assert (out[pad] == 0).all() and all((g[pad] == 0).all() for g in grads[:6])
+
+
+def test_corner_cases_match_dense_reference():
+    """N = 1, w = 0, a window beyond N, a batch row that is all padding, G = 0 with the global projections given,
+    every token global."""
+    cases = [
+        dict(b=1, n=1, window=0, n_global=(0, 0), pad_max=0, prefix=0),
+        dict(b=2, n=1, window=5, n_global=(1, 1), pad_max=0, prefix=2),
+        dict(b=2, n=70, window=0, n_global=(0, 3), pad_max=10, prefix=0),
+        dict(b=2, n=50, window=200, n_global=(0, 2), pad_max=0, prefix=3),
+        dict(b=1, n=9, window=2, n_global=(9, 9), pad_max=0, prefix=1),
+    ]
+    for i, case in enumerate(cases):
+        x, masks, grad_out = _problem(case["b"], case["n"], 2, 8, n_global=case["n_global"], pad_max=case["pad_max"],
+                                      prefix=case["prefix"], batch_prefix=False, seed=i)
+        if i == 2:
+            masks["key_padding_mask"][1] = True  # a whole batch row of padding: output and gradients 0
+            masks["is_global"][1] = False
+        out, grads = _run(_cpu, x, masks, case["window"], torch.float32, grad_out)
+        ref, ref_grads = _run(dense_attention, x, masks, case["window"], torch.float64, grad_out)
+        for label, got, want in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
+            if got is not None:
+                _assert_close(f"case {i} {label}", got, want, 1e-5)
+
+
+_MASKED_SOFTMAX = reference.masked_softmax
+
+
+def _fp32_masked_softmax(scores, allowed):
+    return _MASKED_SOFTMAX(scores.float(), allowed).to(scores.dtype)
+
+
+def _dense_in_dtype(**kw):
+    """The same computation done by PyTorch in the input dtype: the dense reference with its matmuls in that
+    dtype and its softmax in fp32 (as Hugging Face's eager attention computes on a CPU)."""
+    with mock.patch.object(reference, "_compute_dtype", lambda dtype: dtype), \
+            mock.patch.object(reference, "masked_softmax", _fp32_masked_softmax):
+        return dense_attention(**kw)
+
+
+# (B, N, H, D, window, globals per row, pad_max, prefix, batch_prefix)
+LOW_PRECISION_CASES = {
+    "prefix_d32": (2, 300, 2, 32, 40, (0, 4), 60, 4, False),
+    "batch_prefix_d64": (1, 257, 2, 64, 64, (1, 3), 0, 3, True),
+    "window_over_n": (2, 100, 1, 16, 150, (0, 2), 30, 0, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_CASES))
+def test_low_precision_within_twice_the_same_dtype_error(name, dtype):
+    b, n, h, d, window, n_global, pad_max, prefix, batch_prefix = LOW_PRECISION_CASES[name]
+    x, masks, grad_out = _problem(b, n, h, d, n_global=n_global, pad_max=pad_max, prefix=prefix,
+                                  batch_prefix=batch_prefix, seed=3)
+    x = {k: t.to(dtype).double() for k, t in x.items()}  # every computation starts from the same rounded inputs
+    out, grads = _run(_cpu, x, masks, window, dtype, grad_out)
+    base, base_grads = _run(_dense_in_dtype, x, masks, window, dtype, grad_out)
+    ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out)
+    assert out.dtype == dtype
+    for label, got, want, b_ in [("out", out, ref, base), *zip(GRAD_NAMES, grads, ref_grads, base_grads, strict=True)]:
+        if got is not None:
+            assert got.dtype == dtype, label
+            _assert_close(label, got, want, 1e-3, base=b_)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dropout
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _documented_keep_masks(x, masks, window, p, seed):
+    """Dense `(B, H, N, N + P)` keep masks of the local and the global branch, rebuilt from the backend's
+    documented scheme: per group of blocks (in `_groups` order) one draw of `(g, H, rows, Lt)` from the generator
+    seeded with `seed`; per batch row one `(H, G, N + P)` draw for the global rows from the one seeded with
+    `seed + 1`."""
+    b, n, h, d = x["q"].shape
+    prefix = x["prefix_k"].shape[-3] if "prefix_k" in x else 0
+    gidx, gcnt, g = custom_op.global_index(masks["is_global"])
+    plan = cpu_attention._plan(x["q"], window, g, prefix)
+    c, band = plan.block, plan.band
+    local = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
+    drops = cpu_attention._DropoutMasks(p, seed, torch.float32)
+    for bb, j0, j1, rows in cpu_attention._groups(plan):
+        keep = drops.next((j1 - j0, h, rows, plan.cols)).bool()
+        for jj, j in enumerate(range(j0, j1)):
+            pos = torch.arange(band) + j * c - window
+            inside = (pos >= 0) & (pos < n)
+            for r in range(rows):
+                i = j * c + r
+                local[bb, :, i, pos[inside]] = keep[jj, :, r, :band][:, inside]
+                for s in range(int(gcnt[bb]) if g else 0):  # a global key is attended through its global column
+                    local[bb, :, i, int(gidx[bb, s])] = keep[jj, :, r, band + s]
+                local[bb, :, i, n:] = keep[jj, :, r, band + g :]
+    glob = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
+    if g:
+        drops = cpu_attention._DropoutMasks(p, seed + 1, torch.float32)
+        for bb in range(b):
+            keep = drops.next((h, g, n + prefix)).bool()
+            for s in range(int(gcnt[bb])):
+                glob[bb, :, int(gidx[bb, s])] = keep[:, s]
+    return local, glob
+
+
+@pytest.mark.parametrize("block", [3, 64])
+def test_dropout_matches_dense_reference_with_the_documented_masks(monkeypatch, block):
+    p = 0.3
+    x, masks, grad_out = _problem(2, 40, 2, 8, n_global=(0, 3), pad_max=8, prefix=3, batch_prefix=True, seed=11)
+    window = 5
+    monkeypatch.setattr(cpu_attention, "BLOCK_ROWS", block)
+    monkeypatch.setattr(cpu_attention, "GROUP_BYTES", 8000)  # several groups, several draws
+    torch.manual_seed(123)
+    seed = int(torch.randint(2**31, 2**62, (), dtype=torch.int64))  # what the op will draw after manual_seed(123)
+    keeps = iter(_documented_keep_masks(x, masks, window, p, seed))
+    monkeypatch.setattr(reference, "_dropout", lambda probs, dp: probs * next(keeps).to(probs.dtype) / (1 - dp))
+    torch.manual_seed(123)
+    out, grads = _run(_cpu, x, masks, window, torch.float32, grad_out, dropout_p=p)
+    ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out, dropout_p=p)
+    no_drop = _run(_cpu, x, masks, window, torch.float32, grad_out)[0]
+    assert not torch.allclose(out, no_drop)
+    for label, got, want in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
+        _assert_close(label, got, want, 1e-5)
+
+
+def test_dropout_keep_rate_and_scale():
+    p = 0.1
+    kept = cpu_attention._DropoutMasks(p, 2**40 + 7, torch.float32).next((1000, 1000))
+    assert abs(1 - kept.mean().item() - p) < 4 * (p * (1 - p) / 1e6) ** 0.5
+    assert torch.equal(kept, cpu_attention._DropoutMasks(p, 2**40 + 7, torch.float32).next((1000, 1000)))
+    # Every key of a row has the same value 1: each output element is (sum of the row's kept probabilities) /
+    # (1 - p), whose mean over many rows is 1 when kept entries are scaled by 1 / (1 - p).
+    b, n, h, d = 1, 2048, 4, 8
+    ones = torch.ones(b, n, h, d)
+    q = torch.randn(b, n, h, d, generator=torch.Generator().manual_seed(0))
+    out = _cpu(q=q, k=torch.randn_like(q), v=ones, window=64, dropout_p=p)
+    assert abs(out.mean().item() - 1.0) < 0.01
+    assert out.min() >= 0 and out.max() <= 1 / (1 - p) + 1e-5
+
+
+def test_dropout_is_seeded():
+    x, masks, _ = _problem(1, 30, 2, 8, n_global=(1, 2), pad_max=0, prefix=0, batch_prefix=False, seed=5)
+    x = {k: t.float() for k, t in x.items()}
+
+    def call(seed):
+        torch.manual_seed(seed)
+        return _cpu(**x, **masks, window=4, dropout_p=0.25)
+
+    assert torch.equal(call(1), call(1)) and not torch.equal(call(1), call(2))
+    assert torch.equal(_cpu(**x, **masks, window=4, dropout_p=0.0), _cpu(**x, **masks, window=4))
+
+
+def test_gradient_checkpointing_replays_the_dropout_masks():
+    x, masks, grad_out = _problem(2, 50, 2, 8, n_global=(0, 2), pad_max=5, prefix=2, batch_prefix=False, seed=9)
+    leaves = {k: t.float().requires_grad_() for k, t in x.items()}
+
+    def fn(*tensors):
+        return _cpu(**dict(zip(leaves, tensors, strict=True)), **masks, window=6, dropout_p=0.2) * 2
+
+    torch.manual_seed(0)
+    plain = fn(*leaves.values())
+    want = torch.autograd.grad(plain, list(leaves.values()), grad_out.float())
+    torch.manual_seed(0)
+    ckpt = torch.utils.checkpoint.checkpoint(fn, *leaves.values(), use_reentrant=False)
+    got = torch.autograd.grad(ckpt, list(leaves.values()), grad_out.float())
+    assert torch.equal(ckpt, plain)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Memory, dispatch, custom op, Hugging Face
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_memory_stays_linear_in_n(mode):
+    """Measured inside the custom op (the CPU tracker runs the package's ops under its mode): no allocation
+    reaches a quarter of one `(B, H, N, 2w + 1 + G + P)` fp32 band-score tensor and the peak (the eight input
+    gradients included) stays below three of them; one `N x N` fp32 score tensor would be 40x that bound."""
+    from prefix_kernels.memory import peak_memory
+
+    b, n, h, d, w, g, p = 1, 16384, 2, 16, 64, 3, 4
+    x = random_inputs(b, n, h, d, prefix=p, requires_grad=mode == "fwdbwd")
+    is_global = torch.zeros(b, n, dtype=torch.bool)
+    is_global[:, :g] = True
+    pad = torch.zeros_like(is_global)
+    pad[:, n - n // 16 :] = True
+    band_bytes = 4 * b * h * n * (2 * w + 1 + g + p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small ops: slow with intra-op threads on a shared runner
+    try:
+        with peak_memory("cpu") as mem:
+            if mode == "fwd":
+                with torch.no_grad():
+                    _cpu(**x, window=w, is_global=is_global, key_padding_mask=pad)
+            else:
+                out = _cpu(**x, window=w, is_global=is_global, key_padding_mask=pad)
+                torch.autograd.grad(out, list(x.values()), torch.randn_like(out))
+                del out
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < mem.largest <= band_bytes / 4, f"largest allocation {mem.largest / 2**20:.1f} MB"
+    assert mem.peak <= 3 * band_bytes, f"peak {mem.peak / 2**20:.1f} MB > 3 x {band_bytes / 2**20:.1f} MB"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dispatch, custom op, Hugging Face
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_dispatch():
+    assert pk.available_backends()["cpu"] is None
+    t = random_inputs(1, 16, 1, 8)
+    assert select_backend(check_inputs(**{k: v.bfloat16() for k, v in t.items()}, window=2)) == "cpu"
+    assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
+    with pytest.raises(ValueError, match="cpu.*reference backend only"):
+        _cpu(**{k: v.double() for k, v in t.items()}, window=2)
+    with pytest.raises(ValueError, match="cpu.*needs CPU tensors, got meta"):
+        _cpu(**{k: v.to("meta") for k, v in t.items()}, window=2)
+
+
+def test_custom_op_opcheck():
+    x, masks, _ = _problem(2, 20, 1, 8, n_global=(0, 2), pad_max=3, prefix=2, batch_prefix=False, seed=4)
+    a = check_inputs(**{k: v.float().requires_grad_() for k, v in x.items()}, **masks, window=3)
+    for dropout_p, seed in ((0.0, None), (0.2, torch.tensor(2**40, dtype=torch.int64))):
+        args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, a.key_padding_mask,
+                a.is_global, seed, "cpu", a.window, a.softmax_scale, dropout_p)
+        torch.library.opcheck(custom_op.fused_attention_fwd, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, masks, _ = _problem(1, 24, 2, 8, n_global=(1, 2), pad_max=0, prefix=0, batch_prefix=False, seed=2)
+    leaves = [x[n].float().requires_grad_() for n in ("q", "k", "v", "q_global", "k_global", "v_global")]
+
+    def fn(*tensors):
+        return _cpu(**dict(zip(("q", "k", "v", "q_global", "k_global", "v_global"), tensors, strict=True)),
+                    **masks, window=3)
+
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    c_out = compiled(*leaves)
+    torch.testing.assert_close(c_out, out, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(c_out.sum(), leaves), grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["LongformerForSequenceClassification", "LEDModel"])
+def test_patched_tiny_model_matches_hf(name):
+    pytest.importorskip("transformers")
+    from tiny_models import batch, build, main_output, scalar_loss
+
+    hf = build(name)
+    ours = pk.patch_longformer(copy.deepcopy(hf), backend="cpu")
+    inputs = batch(name)
+    outs, grads = [], []
+    for model in (hf, ours):
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        scalar_loss(out).backward()
+        outs.append(main_output(out))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    assert grads[1].keys() == grads[0].keys() and grads[0]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-5 * max(1.0, g.abs().max().item()), rtol=0, msg=n)
