@@ -39,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, wh
 from prefix_kernels import triton_attention as ta  # noqa: E402
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-KERNELS = ("_local_rows_fwd_kernel", "_global_rows_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel",
-           "_local_rows_bwd_dq_kernel", "_band_keys_bwd_dkdv_kernel", "_global_keys_bwd_kernel",
-           "_global_rows_bwd_kernel", "_scatter_global_rows_kernel")
+KERNELS = ("_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
+           "_bwd_finalize_kernel")
 
 
 class _TargetOnlyDriver:

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 TOOL = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-KERNELS = {"_local_rows_fwd_kernel", "_global_rows_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel",
-           "_local_rows_bwd_dq_kernel", "_band_keys_bwd_dkdv_kernel", "_global_keys_bwd_kernel",
-           "_global_rows_bwd_kernel", "_scatter_global_rows_kernel"}
+KERNELS = {"_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
+           "_bwd_finalize_kernel"}
 # Shared memory per block on the target (opt-in maximum): a kernel above it compiles but cannot launch.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 
