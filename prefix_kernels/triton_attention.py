@@ -121,11 +121,17 @@ def _row_ptrs(base, rows, stride, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _load_at(ptrs, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows outside `row_ok` and padded head-dim columns read as 0."""
+def _load_at(ptrs, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_IN_RANGE: tl.constexpr = False):
+    """Rows outside `row_ok` and padded head-dim columns read as 0. `ROWS_IN_RANGE`: every row exists (`row_ok`
+    is ignored), so full tiles load with no predicate at all."""
     if BLOCK_D == HEAD_DIM:
+        if ROWS_IN_RANGE:
+            return tl.load(ptrs)
         return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    return tl.load(ptrs, mask=row_ok[:, None] & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM), other=0.0)
+    d_ok = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
+    if ROWS_IN_RANGE:
+        return tl.load(ptrs, mask=d_ok, other=0.0)
+    return tl.load(ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
 
 
 @triton.jit
@@ -230,11 +236,12 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
                     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh, sob, son, soh,
                     N, P, gidx_stride, window, qk_scale, dropout_p, inv_keep, seed,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_KIND: tl.constexpr,
+                    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_N: tl.constexpr, HAS_KIND: tl.constexpr,
                     HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """A tile of `BLOCK_M` query rows: its band key tiles, then its row's global keys, then the prefix, in one
-    online softmax. Writes `O` and `LSE` of the tile."""
+    online softmax. Writes `O` and `LSE` of the tile. `EVEN_N`: `N` is a multiple of `BLOCK_N`, so no band tile
+    reaches past the sequence."""
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -245,18 +252,27 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
     keep = None
 
     lo, mid_lo, mid_hi, hi = _band_tiles(m0, N, window, FIXED=BLOCK_M, STEP=BLOCK_N)
-    cols = lo + tl.arange(0, BLOCK_N)
-    # Pointers advance by one tile per step: no per-tile 64-bit address arithmetic from the row indices.
-    k_ptrs = _row_ptrs(K + b * skb + h * skh, cols, skn, BLOCK_D=BLOCK_D)
-    v_ptrs = _row_ptrs(V + b * svb + h * svh, cols, svn, BLOCK_D=BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    # A scalar pointer to the current tile plus loop-invariant int32 offsets: per tile, one 64-bit add per load
+    # instead of per-row address arithmetic.
+    k_tile = K + b * skb + h * skh + lo.to(tl.int64) * skn
+    v_tile = V + b * svb + h * svh + lo.to(tl.int64) * svn
+    k_offs = offs_n[:, None] * skn + tl.arange(0, BLOCK_D)[None, :]
+    v_offs = offs_n[:, None] * svn + tl.arange(0, BLOCK_D)[None, :]
+    # Most programs' bands hold no global or padding token: they never look a tile up.
+    band_special = False
+    if HAS_KIND:
+        band_special = _has_special(SPECIAL, b, N, lo, hi)
     for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-        k = _load_at(k_ptrs, cols < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        v = _load_at(v_ptrs, cols < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        k = _load_at(k_tile + k_offs, n0 + offs_n < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=EVEN_N)
+        v = _load_at(v_tile + v_offs, n0 + offs_n < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=EVEN_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         masked = (n0 < mid_lo) | (n0 >= mid_hi)
         if HAS_KIND:
-            masked = masked | _has_special(SPECIAL, b, N, n0, n0 + BLOCK_N)
+            if band_special:
+                masked = masked | _has_special(SPECIAL, b, N, n0, n0 + BLOCK_N)
         if masked:
+            cols = n0 + offs_n
             ok = _in_band(rows[:, None], cols[None, :], N, window)
             if HAS_KIND:
                 ok = ok & (tl.load(KIND + b * N + cols, mask=cols < N, other=KIND_PAD) == KIND_LOCAL)[None, :]
@@ -265,9 +281,8 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
             keep = _dropout_keep(seed, bh, rows, n0, dropout_p, COLS_TILE=True, NCOLS=BLOCK_N)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, keep, DOT_PREC=DOT_PREC,
                                         HAS_DROPOUT=HAS_DROPOUT)
-        k_ptrs += BLOCK_N * skn
-        v_ptrs += BLOCK_N * svn
-        cols += BLOCK_N
+        k_tile += BLOCK_N * skn
+        v_tile += BLOCK_N * svn
 
     if HAS_GLOBAL:
         cnt = tl.load(GCNT + b)
@@ -354,8 +369,8 @@ def _attention_fwd_kernel(
     N, H, P, gidx_stride, g_pad, chunk, num_splits, n_parts, n_global_progs, window, qk_scale, dropout_p, inv_keep,
     seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_KIND: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_N: tl.constexpr, HAS_KIND: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid `(n_global_progs + cdiv(N, BLOCK_M), B * H)`. The first `n_global_progs` programs of a batch-head are
     the global rows' key splits (`n_parts` splits x the blocks of `BLOCK_G` global queries; they walk the most
@@ -378,8 +393,8 @@ def _attention_fwd_kernel(
             sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh, sob, son, soh,
             N, P, gidx_stride, window, qk_scale, dropout_p, inv_keep, seed,
             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
-            NUM_STAGES=NUM_STAGES, HAS_KIND=HAS_KIND, HAS_GLOBAL=HAS_GLOBAL, HAS_PREFIX=HAS_PREFIX,
-            HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+            NUM_STAGES=NUM_STAGES, EVEN_N=EVEN_N, HAS_KIND=HAS_KIND, HAS_GLOBAL=HAS_GLOBAL,
+            HAS_PREFIX=HAS_PREFIX, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
 
 
 @triton.jit
@@ -466,14 +481,14 @@ def _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, cols, bh, qk_scale
 
 
 @triton.jit
-def _query_tile_bwd(q_ptrs, do_ptrs, LSE_ROWS, DELTA, bh, N, rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`q`, `dO`, LSE and delta of the query rows `rows`; rows past `N` read as 0 with LSE = +inf (p = 0)."""
-    row_ok = rows < N
-    q = _load_at(q_ptrs, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    do = _load_at(do_ptrs, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    stats = bh.to(tl.int64) * N + rows
-    lse = tl.load(LSE_ROWS + stats, mask=row_ok, other=float("inf"))
-    return q, do, lse, tl.load(DELTA + stats, mask=row_ok, other=0.0)
+def _query_tile_bwd(q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ROWS_IN_RANGE: tl.constexpr = False):
+    """`q`, `dO`, LSE and delta of a tile of query rows; rows outside `row_ok` read as 0 with LSE = +inf (p = 0)."""
+    q = _load_at(q_ptrs, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=ROWS_IN_RANGE)
+    do = _load_at(do_ptrs, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=ROWS_IN_RANGE)
+    if ROWS_IN_RANGE:
+        return q, do, tl.load(lse_ptrs), tl.load(delta_ptrs)
+    return q, do, tl.load(lse_ptrs, mask=row_ok, other=float("inf")), tl.load(delta_ptrs, mask=row_ok, other=0.0)
 
 
 @triton.jit
@@ -481,10 +496,11 @@ def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DK, DV,
                    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
                    N, n_pad, window, qk_scale, scale, dropout_p, inv_keep, seed,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_STAGES: tl.constexpr, HAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, HAS_KIND: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """A tile of `BLOCK_N` band keys against the query tiles within `+-window`: its dK/dV (global and padding
-    columns get 0 here; global keys are finalized from the shared-key partials) and each pair's dQ part."""
+    columns get 0 here; global keys are finalized from the shared-key partials) and each pair's dQ part.
+    `EVEN_M`: `N` is a multiple of `BLOCK_M`, so no query tile reaches past the sequence."""
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -499,25 +515,33 @@ def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, FIXED=BLOCK_N, STEP=BLOCK_M)
-    rows = lo + tl.arange(0, BLOCK_M)
-    q_ptrs = _row_ptrs(Q + b * sqb + h * sqh, rows, sqn, BLOCK_D=BLOCK_D)
-    do_ptrs = _row_ptrs(DO + b * sdob + h * sdoh, rows, sdon, BLOCK_D=BLOCK_D)
-    dq_ptrs = _row_ptrs(DQ_ACC + bh.to(tl.int64) * n_pad * BLOCK_D, rows, BLOCK_D, BLOCK_D=BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Scalar pointers to the current query tile plus loop-invariant int32 offsets (as in the forward's band loop).
+    q_tile = Q + b * sqb + h * sqh + lo.to(tl.int64) * sqn
+    do_tile = DO + b * sdob + h * sdoh + lo.to(tl.int64) * sdon
+    dq_tile = DQ_ACC + (bh.to(tl.int64) * n_pad + lo) * BLOCK_D
+    stats = bh.to(tl.int64) * N + lo
+    q_offs = offs_m[:, None] * sqn + offs_d[None, :]
+    do_offs = offs_m[:, None] * sdon + offs_d[None, :]
+    dq_offs = offs_m[:, None] * BLOCK_D + offs_d[None, :]
     for m0 in tl.range(lo, hi, BLOCK_M, num_stages=NUM_STAGES):
         # Rows past N, padding rows and global rows all have p = 0 through LSE_LOCAL: only columns need masks.
-        q, do, lse, delta = _query_tile_bwd(q_ptrs, do_ptrs, LSE_LOCAL, DELTA, bh, N, rows, HEAD_DIM=HEAD_DIM,
-                                            BLOCK_D=BLOCK_D)
+        rows = m0 + offs_m
+        q, do, lse, delta = _query_tile_bwd(q_tile + q_offs, do_tile + do_offs, LSE_LOCAL + stats + offs_m,
+                                            DELTA + stats + offs_m, rows < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                            ROWS_IN_RANGE=EVEN_M)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         if special_cols | (m0 < mid_lo) | (m0 >= mid_hi):
             s_t = tl.where(_in_band(rows[None, :], cols[:, None], N, window) & col_local[:, None], s_t,
                            float("-inf"))
         dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, n0, bh, qk_scale, seed, dropout_p,
                                    inv_keep, COLS_TILE=True, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
-        tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-        q_ptrs += BLOCK_M * sqn
-        do_ptrs += BLOCK_M * sdon
-        dq_ptrs += BLOCK_M * BLOCK_D
-        rows += BLOCK_M
+        tl.atomic_add(dq_tile + dq_offs, dq, sem="relaxed")
+        q_tile += BLOCK_M * sqn
+        do_tile += BLOCK_M * sdon
+        dq_tile += BLOCK_M * BLOCK_D
+        stats += BLOCK_M
 
     _store_rows(DK + b * sdkb + h * sdkh, cols, sdkn, col_ok, (dk * scale).to(DK.dtype.element_ty),
                 HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
@@ -537,9 +561,10 @@ def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_
     dv = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
+        stats = bh.to(tl.int64) * N + rows
         q, do, lse, delta = _query_tile_bwd(_row_ptrs(q_base, rows, sqn, BLOCK_D=BLOCK_D),
-                                            _row_ptrs(do_base, rows, sdon, BLOCK_D=BLOCK_D), LSE_LOCAL, DELTA, bh, N,
-                                            rows, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+                                            _row_ptrs(do_base, rows, sdon, BLOCK_D=BLOCK_D), LSE_LOCAL + stats,
+                                            DELTA + stats, rows < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
         s_t = tl.where(key_ok[:, None], tl.dot(k, tl.trans(q), input_precision=DOT_PREC), float("-inf"))
         dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, key_cols, bh, qk_scale, seed,
                                    dropout_p, inv_keep, COLS_TILE=COLS_TILE, HAS_DROPOUT=HAS_DROPOUT,
@@ -601,9 +626,10 @@ def _global_query_block(qg_base, do_base, LSE, DELTA, gidx_row, g0, cnt, bh, N, 
     g = g0 + tl.arange(0, BLOCK_G)
     g_ok = g < cnt
     gpos = tl.load(gidx_row + g, mask=g_ok, other=0)
+    stats = bh.to(tl.int64) * N + gpos
     q, do, lse, delta = _query_tile_bwd(_row_ptrs(qg_base, gpos, sqn, BLOCK_D=BLOCK_D),
-                                        _row_ptrs(do_base, gpos, sdon, BLOCK_D=BLOCK_D), LSE, DELTA, bh, N,
-                                        tl.where(g_ok, gpos, N), HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+                                        _row_ptrs(do_base, gpos, sdon, BLOCK_D=BLOCK_D), LSE + stats, DELTA + stats,
+                                        g_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     return q, do, lse, delta, g, gpos
 
 
@@ -682,7 +708,8 @@ def _attention_bwd_kernel(
     N, H, P, n_pad, gidx_stride, g_pad, window, chunk, num_splits, q_chunk, num_chunks, n_prefix_slots,
     n_global_progs, n_shared_progs, qk_scale, scale, dropout_p, inv_keep, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, SINGLE_G: tl.constexpr, HAS_KIND: tl.constexpr,
+    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, SINGLE_G: tl.constexpr,
+    HAS_KIND: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid `(n_global_progs + n_shared_progs + cdiv(N, BLOCK_N), B * H)`, the whole backward in one pass. Per
@@ -716,7 +743,7 @@ def _attention_bwd_kernel(
             sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
             N, n_pad, window, qk_scale, scale, dropout_p, inv_keep, seed,
             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES,
-            HAS_KIND=HAS_KIND, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+            EVEN_M=EVEN_M, HAS_KIND=HAS_KIND, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
 
 
 @triton.jit
@@ -977,7 +1004,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
         n, h, L.p, L.gstride, L.g_pad, cfg["CHUNK"], num_splits, n_parts, n_global_progs, window, scale * LOG2E,
         dropout_p, 1.0 / (1.0 - dropout_p), seed,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["num_stages"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **L.flags)
+        EVEN_N=n % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **L.flags)
     if has_global:
         _global_rows_merge_kernel[(max_global, b * h)](
             part_o, part_l, L.gidx, L.gcnt, out, lse, *_strides(out), n, h, L.gstride, L.g_pad, n_parts,
@@ -1038,7 +1065,8 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         n, h, p, n_pad, L.gstride, L.g_pad, window, cfg["CHUNK"], num_splits, cfg["Q_CHUNK"], num_chunks,
         n_prefix_slots, n_global_progs, n_shared_progs, scale * LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p),
         seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["bwd_stages"],
-        SINGLE_G=max_global <= cfg["BLOCK_G"], num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"], **L.flags)
+        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BLOCK_G"], num_warps=cfg["bwd_warps"],
+        num_stages=cfg["bwd_stages"], **L.flags)
 
     fin_m = 64
     n_row_tiles = triton.cdiv(n, fin_m)

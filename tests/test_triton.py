@@ -79,8 +79,11 @@ CASES = {
     "empty_row": dict(b=2, n=20, h=2, d=16, globals_={0: [3]}, pad={1: list(range(20))}),
     # non-contiguous (B, H, N, D)-major inputs
     "strided": dict(b=1, n=33, h=2, d=16, strided=True, globals_={0: [16]}, pad={0: [31, 32]}),
+    # N a multiple of every tile: the kernels' unmasked full-tile loads
+    "even": dict(b=2, n=64, h=1, d=16, prefix=2, globals_={0: [0, 33]}, pad={1: list(range(50, 64))}),
 }
-WINDOWS = {"band": (0, 1, 16, 50), "mixed": (5, 33), "prefix_batched": (4,), "empty_row": (3,), "strided": (7,)}
+WINDOWS = {"band": (0, 1, 16, 50), "mixed": (5, 33), "prefix_batched": (4,), "empty_row": (3,), "strided": (7,),
+           "even": (5, 40)}
 PARAMS = [(name, w) for name, ws in WINDOWS.items() for w in ws]
 
 
