@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import os
 import re
@@ -214,10 +215,12 @@ def sass_per_tile(cubin: bytes, source: str) -> list[dict]:
     return rows
 
 
-def _problem(dtype: torch.dtype, head_dim: int):
-    """Small inputs that reach every kernel: 2 rows with different global counts, a prefix, padding."""
+def _problem(dtype: torch.dtype, head_dim: int, n: int):
+    """Small inputs that reach every kernel: 2 rows with different global counts, a prefix, padding. `n` a multiple
+    of every tile (as long, window-padded inputs are) compiles the full-tile specializations, another `n` the
+    ragged ones."""
     g = torch.Generator().manual_seed(0)
-    b, n, h, p = 2, 320, 2, 4
+    b, h, p = 2, 2, 4
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
@@ -231,7 +234,7 @@ def _problem(dtype: torch.dtype, head_dim: int):
     return (q, k, v, qg, kg, vg, pk, pv, pad, gidx, gcnt), dict(window=40, scale=head_dim**-0.5, max_global=3)
 
 
-def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True) -> list[dict]:
+def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True, lengths=(320,)) -> list[dict]:
     """One row per compiled kernel specialization: config, kernel name, registers, stack, shared bytes and (with
     `sass`) its loops' SASS instructions per tile."""
     compiled: list = []
@@ -247,46 +250,49 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
     JITFunction.run = compile_only
     rows = []
     try:
-        for dtype in dtypes:
-            for d in head_dims:
-                inputs, kw = _problem(dtype, d)
-                kw.update(dropout_p=dropout_p, seed=1)
-                compiled.clear()
-                out, lse = ta.forward(*inputs, **kw)
-                ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
-                seen = set()
-                for name, kernel in compiled:
-                    if name in seen:
-                        continue
-                    seen.add(name)
-                    md = kernel.metadata
-                    dt = str(dtype).removeprefix("torch.")
-                    if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
-                        dt += "-tf32"
-                    row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, dropout=dropout_p > 0, kernel=name,
-                               warps=md.num_warps, stages=md.num_stages, shared=md.shared,
-                               **_resources(kernel.asm["cubin"]))
-                    if sass:
-                        row["loops"] = sass_per_tile(kernel.asm["cubin"], ta.__file__)
-                    rows.append(row)
+        for dtype, d, n in itertools.product(dtypes, head_dims, lengths):
+            inputs, kw = _problem(dtype, d, n)
+            kw.update(dropout_p=dropout_p, seed=1)
+            compiled.clear()
+            out, lse = ta.forward(*inputs, **kw)
+            ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
+            seen = set()
+            for name, kernel in compiled:
+                if name in seen:
+                    continue
+                seen.add(name)
+                md = kernel.metadata
+                dt = str(dtype).removeprefix("torch.")
+                if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
+                    dt += "-tf32"
+                row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, n=n, dropout=dropout_p > 0, kernel=name,
+                           warps=md.num_warps, stages=md.num_stages, shared=md.shared,
+                           **_resources(kernel.asm["cubin"]))
+                if sass:
+                    row["loops"] = sass_per_tile(kernel.asm["cubin"], ta.__file__)
+                rows.append(row)
     finally:
         JITFunction.run = run
         driver._active = previous
     return rows
 
 
+def _label(r: dict) -> str:
+    return f"{r['arch']} {r['dtype']} D={r['head_dim']} N={r['n']}{' drop' if r['dropout'] else ''}"
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'config':<28} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'shared':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cfg = f"{r['arch']} {r['dtype']} D={r['head_dim']}{' drop' if r['dropout'] else ''}"
+        cfg = _label(r)
         lines.append(f"{cfg:<28} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
                      f"{r['stack']:>6} {r['shared']:>7}")
     if any(r.get("loops") for r in rows):
         head = f"{'config':<28} {'kernel':<28} {'loop (function:line, via call line)':<44} {'interior':>8} {'edge':>6}"
         lines += ["", "SASS instructions per warp per tile", head, "-" * len(head)]
         for r in rows:
-            cfg = f"{r['arch']} {r['dtype']} D={r['head_dim']}{' drop' if r['dropout'] else ''}"
+            cfg = _label(r)
             for lp in r.get("loops", []):
                 lines.append(f"{cfg:<28} {r['kernel']:<28} {lp['loop']:<44} {lp['interior']:>8} {lp['edge']:>6}"
                              f"   {lp['code'][:60]}")
@@ -303,6 +309,7 @@ def main(argv=None) -> int:
                     help="torch.set_float32_matmul_precision for the fp32 kernels (high/medium: TF32)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--no-sass", action="store_true", help="skip the SASS per-tile counts")
+    ap.add_argument("--seq-len", default="320,300", help="N of the compiled problems (320: full tiles only)")
     a = ap.parse_args(argv)
     why = missing_tools()
     if why:
@@ -310,7 +317,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_float32_matmul_precision(a.fp32_precision)
     rows = compile_all(a.arch, [getattr(torch, s) for s in a.dtype.split(",")],
-                       [int(s) for s in a.head_dim.split(",")], a.dropout, sass=not a.no_sass)
+                       [int(s) for s in a.head_dim.split(",")], a.dropout, sass=not a.no_sass,
+                       lengths=[int(s) for s in a.seq_len.split(",")])
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

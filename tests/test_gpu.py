@@ -199,5 +199,8 @@ def test_torch_compile_fullgraph(backend):
     c_out = compiled(*leaves)
     c_grads = torch.autograd.grad(c_out.float().sum(), leaves)
     torch.testing.assert_close(c_out, out, rtol=0, atol=0)
-    for a, b in zip(c_grads, grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The Triton backward sums dQ with fp32 atomics, whose order (so the last bit before the bf16 cast) varies
+    # from run to run; dK and dV are written once per key and stay bitwise equal.
+    dq_tol = dict(rtol=1.6e-2, atol=1e-5) if backend == "triton" else dict(rtol=0, atol=0)
+    for a, b, tol in zip(c_grads, grads, (dq_tol, {"rtol": 0, "atol": 0}, {"rtol": 0, "atol": 0}), strict=True):
+        torch.testing.assert_close(a, b, **tol)

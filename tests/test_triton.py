@@ -378,6 +378,27 @@ def test_global_index_is_cached_per_tensor_and_version():
     assert custom_op.global_index(torch.zeros(2, 10, dtype=torch.bool)) == (None, None, 0)
 
 
+def test_token_tables_are_built_once_per_mask_and_rebuilt_after_an_edit():
+    """`KIND`, `SPECIAL` and `SLOT` are cached per (padding mask, compact global index) tensors, as every layer of
+    a model passes the same ones; an in-place edit of the mask rebuilds them."""
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 8:] = True
+    is_global = torch.zeros(2, 10, dtype=torch.bool)
+    is_global[0, [2, 5]] = True
+    is_global[1, 0] = True
+    idx, count, _ = custom_op.global_index(is_global)
+    kind, special, slot = triton_attention._token_tables(pad, idx, count, 2, 10, "cpu")
+    assert kind.tolist() == [[0, 0, 1, 0, 0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 2, 2]]
+    assert special.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3]]
+    assert slot.tolist() == [[-1, -1, 0, -1, -1, 1, -1, -1, -1, -1], [0] + [-1] * 9]
+    again = triton_attention._token_tables(pad, *custom_op.global_index(is_global)[:2], 2, 10, "cpu")
+    assert all(a is b for a, b in zip(again, (kind, special, slot), strict=True))  # no rebuild
+    pad[0, 9] = True  # in place: bumps _version
+    kind2 = triton_attention._token_tables(pad, idx, count, 2, 10, "cpu")[0]
+    assert kind2 is not kind and kind2[0, 9].item() == 2
+    assert triton_attention._token_tables(None, None, None, 2, 10, "cpu") is None
+
+
 def test_no_global_token_with_projections_gives_zero_projection_gradients():
     t, _ = make_case(b=1, n=24, h=1, d=16, globals_={})
     masks = {"is_global": torch.zeros(1, 24, dtype=torch.bool)}
