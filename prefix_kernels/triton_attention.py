@@ -108,6 +108,13 @@ def _dropout_keep(seed, bh, rows, cols, dropout_p, COLS_TILE: tl.constexpr, NCOL
 
 
 @triton.jit
+def _program(H):
+    """`(program_id(0), batch-head, batch, head)` of a grid `(., B * H)`; batch and head as int64 for offsets."""
+    bh = tl.program_id(1)
+    return tl.program_id(0), bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
 def _prefix_col0(N):
     """Key position of prefix key 0 in the dropout counter space: `N` rounded up to a multiple of 4, so prefix
     tiles are aligned like band tiles."""
@@ -179,7 +186,7 @@ def _band_tiles(start, N, window, FIXED: tl.constexpr, STEP: tl.constexpr):
 
 
 @triton.jit
-def _gather_keys(k_base, v_base, skn, svn, GIDX, gidx_row, g0, cnt, HEAD_DIM: tl.constexpr,
+def _gather_keys(k_base, v_base, skn, svn, gidx_row, g0, cnt, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
     """Keys/values of the global tokens `g0 .. g0 + BLOCK_G - 1` of a batch row (`cnt` in all): `k, v`, which
     entries exist, and their positions."""
@@ -189,6 +196,17 @@ def _gather_keys(k_base, v_base, skn, svn, GIDX, gidx_row, g0, cnt, HEAD_DIM: tl
     k = _load_rows(k_base, gpos, skn, g_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     v = _load_rows(v_base, gpos, svn, g_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     return k, v, g_ok, gpos
+
+
+@triton.jit
+def _prefix_keys(pk_base, pv_base, spkn, spvn, p0, P, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Prefix keys/values `p0 .. p0 + BLOCK_N - 1` (`P` in all): `k, v`, which exist, and their indices."""
+    pcols = p0 + tl.arange(0, BLOCK_N)
+    p_ok = pcols < P
+    k = _load_rows(pk_base, pcols, spkn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    v = _load_rows(pv_base, pcols, spvn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    return k, v, p_ok, pcols
 
 
 @triton.jit
@@ -214,14 +232,31 @@ def _key_split(split, num_splits, chunk, N, P, kg_base, vg_base, skn, svn, pk_ba
 
 
 @triton.jit
-def _softmax_update(acc, m_i, l_i, s, v, qk_scale, keep, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """One key block of the online softmax. `s`: raw scores, `-inf` where excluded; `keep`: dropout bits."""
+def _split_key_tile(k_base, v_base, skn, svn, KIND, b, N, n0, end, col_offset, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KIND: tl.constexpr):
+    """Key tile `n0 + arange(BLOCK_N)` of a global-row split (`_key_split`): `k, v`, the positions, and which keys
+    count (inside the split, not padding; prefix keys, `col_offset > 0`, never are padding)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < end
+    if HAS_KIND:
+        kind = tl.load(KIND + b * N + cols, mask=col_ok & (col_offset == 0), other=KIND_LOCAL)
+        col_ok = col_ok & (kind != KIND_PAD)
+    k = _load_rows(k_base, cols, skn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    v = _load_rows(v_base, cols, svn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    return k, v, cols, col_ok
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, cols, dropout_p, COLS_TILE: tl.constexpr,
+                    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One key block of the online softmax. `s`: raw scores, `-inf` where excluded; `rows`, `cols`, `COLS_TILE`:
+    query and key positions for the dropout bits, as in `_dropout_keep`."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(_dropout_keep(seed, bh, rows, cols, dropout_p, COLS_TILE=COLS_TILE, NCOLS=v.shape[0]), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -249,14 +284,15 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
     m_i = tl.full([BLOCK_M], M_FLOOR, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    keep = None
 
     lo, mid_lo, mid_hi, hi = _band_tiles(m0, N, window, FIXED=BLOCK_M, STEP=BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     # A scalar pointer to the current tile plus loop-invariant int32 offsets: per tile, one 64-bit add per load
     # instead of per-row address arithmetic.
-    k_tile = K + b * skb + h * skh + lo.to(tl.int64) * skn
-    v_tile = V + b * svb + h * svh + lo.to(tl.int64) * svn
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    k_tile = k_base + lo.to(tl.int64) * skn
+    v_tile = v_base + lo.to(tl.int64) * svn
     k_offs = offs_n[:, None] * skn + tl.arange(0, BLOCK_D)[None, :]
     v_offs = offs_n[:, None] * svn + tl.arange(0, BLOCK_D)[None, :]
     # Most programs' bands hold no global or padding token: they never look a tile up.
@@ -277,36 +313,26 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
             if HAS_KIND:
                 ok = ok & (tl.load(KIND + b * N + cols, mask=cols < N, other=KIND_PAD) == KIND_LOCAL)[None, :]
             s = tl.where(ok, s, float("-inf"))
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, n0, dropout_p, COLS_TILE=True, NCOLS=BLOCK_N)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, keep, DOT_PREC=DOT_PREC,
-                                        HAS_DROPOUT=HAS_DROPOUT)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, n0, dropout_p,
+                                        COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
         k_tile += BLOCK_N * skn
         v_tile += BLOCK_N * svn
 
     if HAS_GLOBAL:
         cnt = tl.load(GCNT + b)
         for g0 in range(0, cnt, BLOCK_G):
-            k, v, g_ok, gpos = _gather_keys(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn, GIDX,
-                                            GIDX + b * gidx_stride, g0, cnt, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
-                                            BLOCK_G=BLOCK_G)
+            k, v, g_ok, gpos = _gather_keys(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g0, cnt,
+                                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
             s = tl.where(g_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, gpos, dropout_p, COLS_TILE=False, NCOLS=BLOCK_G)
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, keep, DOT_PREC=DOT_PREC,
-                                            HAS_DROPOUT=HAS_DROPOUT)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, gpos, dropout_p,
+                                            COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
     if HAS_PREFIX:
         for p0 in range(0, P, BLOCK_N):
-            pcols = p0 + tl.arange(0, BLOCK_N)
-            p_ok = pcols < P
-            k = _load_rows(PK + b * spkb + h * spkh, pcols, spkn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-            v = _load_rows(PV + b * spvb + h * spvh, pcols, spvn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+            k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0, P,
+                                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
             s = tl.where(p_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, _prefix_col0(N) + p0, dropout_p, COLS_TILE=True,
-                                     NCOLS=BLOCK_N)
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, keep, DOT_PREC=DOT_PREC,
-                                            HAS_DROPOUT=HAS_DROPOUT)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, _prefix_col0(N) + p0,
+                                            dropout_p, COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
 
     live = l_i > 0
     if HAS_KIND:
@@ -335,23 +361,16 @@ def _global_rows_fwd_split(split, pid_g, bh, b, h, QG, KG, VG, PK, PV, KIND, GID
     m_i = tl.full([BLOCK_G], M_FLOOR, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    keep = None
     k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset, _ = _key_split(
         split, num_splits, chunk, N, P, KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn,
         PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=HAS_PREFIX)
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        if HAS_KIND:  # padding keys; prefix keys never are (col_offset > 0 there)
-            kind = tl.load(KIND + b * N + cols, mask=col_ok & (col_offset == 0), other=KIND_LOCAL)
-            col_ok = col_ok & (kind != KIND_PAD)
-        k = _load_rows(k_base, cols, key_stride_k, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        v = _load_rows(v_base, cols, key_stride_v, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        k, v, cols, col_ok = _split_key_tile(k_base, v_base, key_stride_k, key_stride_v, KIND, b, N, n0, end,
+                                             col_offset, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                             HAS_KIND=HAS_KIND)
         s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, gpos, col_offset + n0, dropout_p, COLS_TILE=True, NCOLS=BLOCK_N)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, keep, DOT_PREC=DOT_PREC,
-                                        HAS_DROPOUT=HAS_DROPOUT)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, gpos, col_offset + n0, dropout_p,
+                                        COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
 
     live = l_i > 0
     l_safe = tl.where(live, l_i, 1.0)
@@ -375,10 +394,7 @@ def _attention_fwd_kernel(
     """Grid `(n_global_progs + cdiv(N, BLOCK_M), B * H)`. The first `n_global_progs` programs of a batch-head are
     the global rows' key splits (`n_parts` splits x the blocks of `BLOCK_G` global queries; they walk the most
     keys, so they start first and overlap the band work); the others are local-row tiles."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid, bh, b, h = _program(H)
     if HAS_GLOBAL:
         if pid < n_global_progs:
             _global_rows_fwd_split(
@@ -405,10 +421,7 @@ def _global_rows_merge_kernel(
 ):
     """Grid `(G, B * H)`: merge one global row's partials by their LSE into `O` and `LSE` (replacing the local
     result written for that row)."""
-    g = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    g, bh, b, h = _program(H)
     if g < tl.load(GCNT + b):
         pos = tl.load(GIDX + b * gidx_stride + g).to(tl.int64)
         offs_s = tl.arange(0, BLOCK_S)
@@ -439,10 +452,7 @@ def _bwd_preprocess_kernel(O, DO, LSE, KIND, DELTA, LSE_LOCAL, DQ_ACC, DQG_ACC, 
     """Grid `(n_pad / BLOCK_M, B * H)`: `DELTA = sum_d dO * O` (fp32); `LSE_LOCAL`, the LSE of local rows and
     `+inf` on global and padding rows (so the local-row backward needs no row kinds); zeroes this tile's rows of
     the fp32 accumulators `DQ_ACC` and `DQG_ACC`."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh, b, h = _program(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     o = _load_rows(O + b * sob + h * soh, rows, son, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
@@ -593,7 +603,8 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
     if HAS_GLOBAL:
         cnt = tl.load(GCNT + b)
         for g0 in range(0, cnt, BLOCK_G):
-            k, v, g_ok, gpos = _gather_keys(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn, GIDX,
+            # Global keys through the local `k, v`, as every local query sees them.
+            k, v, g_ok, gpos = _gather_keys(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn,
                                             GIDX + b * gidx_stride, g0, cnt, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                                             BLOCK_G=BLOCK_G)
             dk, dv = _shared_key_block_bwd(k, v, g_ok, gpos, q_base, do_base, dq_base, LSE_LOCAL, DELTA, bh, N, start,
@@ -605,10 +616,8 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
             _store_rows(GPART_V, part, BLOCK_D, g_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
     if HAS_PREFIX:
         for p0 in range(0, P, BLOCK_N):
-            pcols = p0 + tl.arange(0, BLOCK_N)
-            p_ok = pcols < P
-            k = _load_rows(PK + b * spkb + h * spkh, pcols, spkn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-            v = _load_rows(PV + b * spvb + h * spvh, pcols, spvn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+            k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0, P,
+                                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
             dk, dv = _shared_key_block_bwd(k, v, p_ok, _prefix_col0(N) + p0, q_base, do_base, dq_base, LSE_LOCAL,
                                            DELTA, bh, N, start, end, sqn, sdon, qk_scale, seed, dropout_p, inv_keep,
                                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, COLS_TILE=True,
@@ -660,13 +669,9 @@ def _global_rows_bwd_split(split, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, 
                                                          sdon, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
         dq_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        if HAS_KIND:  # padding keys; prefix keys never are (col_offset > 0 there)
-            kind = tl.load(KIND + b * N + cols, mask=col_ok & (col_offset == 0), other=KIND_LOCAL)
-            col_ok = col_ok & (kind != KIND_PAD)
-        k = _load_rows(k_base, cols, key_stride_k, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        v = _load_rows(v_base, cols, key_stride_v, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        k, v, cols, col_ok = _split_key_tile(k_base, v_base, key_stride_k, key_stride_v, KIND, b, N, n0, end,
+                                             col_offset, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                             HAS_KIND=HAS_KIND)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if SINGLE_G:
@@ -715,10 +720,7 @@ def _attention_bwd_kernel(
     """Grid `(n_global_progs + n_shared_progs + cdiv(N, BLOCK_N), B * H)`, the whole backward in one pass. Per
     batch-head, in launch order (the longest first): the global rows' key splits (`_global_rows_bwd_split`), the
     shared-key query chunks (`_shared_keys_bwd`), then one program per band key tile (`_band_keys_bwd`)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid, bh, b, h = _program(H)
     if HAS_GLOBAL:
         if pid < n_global_progs:
             _global_rows_bwd_split(
@@ -770,10 +772,7 @@ def _bwd_finalize_kernel(
     """Grid `(n_row_tiles + 1, B * H)`. Row tiles: `dQ = scale * DQ_ACC` and `dQ_global` (`scale * DQG_ACC` on
     global rows, 0 elsewhere) in the input dtype. The last program: the shared keys' partials summed, `dK, dV` of
     the global keys (overwriting the zeros the band programs wrote there) and the prefix gradients."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid, bh, b, h = _program(H)
     if pid < n_row_tiles:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
@@ -863,25 +862,20 @@ def _token_tables(key_padding_mask, global_idx, global_count, b: int, n: int, de
 # Tile table and launchers (contract: `prefix_kernels.custom_op`)
 # ------------------------------------------------------------------------------------------------------------
 
-# Per (arch, matmul precision, head_dim bucket): forward (BLOCK_M, BLOCK_N, warps, stages), backward (query tile,
-# key tile, warps, stages). "16bit" is fp16 / bf16 on tensor cores, "tf32" fp32 on TF32 tensor cores, "ieee" fp32
-# on the FMA units. Chosen from the compiled resources (`benchmarks/kernel_resources.py`: no spills, shared memory
-# within the arch's limit, fewest instructions per tile; BENCHMARKS.md has the figures) and, for the 16-bit
-# forward at D = 64 on sm_90, from the H200 timings of the earlier kernels (64 x 64 tiles, 4 warps, 3 stages beat
-# 128-row tiles). To be confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); no autotuning at run time.
+# Tiles per matmul precision, head_dim bucket (<= 64, <= 128) and arch (sm_90; sm_80 and anything below sm_90):
+# forward (BLOCK_M, BLOCK_N, warps, stages), backward (query tile, key tile, warps, stages). "16bit" is fp16 / bf16
+# on tensor cores, "tf32" fp32 on TF32 tensor cores, "ieee" fp32 on the FMA units. Chosen from the compiled
+# resources (`benchmarks/kernel_resources.py`: no spills in fp16 / bf16, shared memory within the arch's limit,
+# fewest SASS instructions per tile; BENCHMARKS.md has the figures) and, for the 16-bit forward at D = 64, from the
+# H200 timings of the earlier kernels (64 x 64 tiles, 4 warps, 3 stages beat 128-row tiles). sm_80's `mma.sync`
+# backward needs twice the registers of sm_90's `wgmma` for a 64-row query tile, hence 32 rows there. To be
+# confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); there is no autotuning at run time.
 _TILES = {
-    (90, "16bit", 64): ((64, 64, 4, 3), (64, 64, 4, 2)),
-    (90, "16bit", 128): ((64, 64, 8, 2), (64, 64, 8, 2)),
-    (80, "16bit", 64): ((64, 64, 4, 3), (32, 64, 4, 2)),
-    (80, "16bit", 128): ((64, 64, 8, 2), (32, 64, 8, 2)),
-    (90, "tf32", 64): ((64, 64, 4, 2), (32, 64, 4, 2)),
-    (90, "tf32", 128): ((64, 32, 4, 2), (32, 32, 4, 2)),
-    (80, "tf32", 64): ((64, 64, 4, 2), (32, 64, 4, 2)),
-    (80, "tf32", 128): ((64, 32, 4, 2), (32, 32, 4, 2)),
-    (90, "ieee", 64): ((32, 32, 8, 2), (32, 32, 8, 2)),
-    (90, "ieee", 128): ((32, 32, 8, 2), (32, 32, 8, 2)),
-    (80, "ieee", 64): ((32, 32, 8, 2), (32, 32, 8, 2)),
-    (80, "ieee", 128): ((32, 32, 8, 2), (32, 32, 8, 2)),
+    "16bit": {64: {90: ((64, 64, 4, 3), (64, 64, 4, 2)), 80: ((64, 64, 4, 3), (32, 64, 4, 2))},
+              128: {90: ((64, 64, 8, 2), (64, 64, 8, 2)), 80: ((64, 64, 8, 2), (32, 64, 8, 2))}},
+    "tf32": {64: dict.fromkeys((90, 80), ((64, 64, 4, 2), (32, 64, 4, 2))),
+             128: dict.fromkeys((90, 80), ((64, 32, 4, 2), (32, 32, 4, 2)))},
+    "ieee": dict.fromkeys((64, 128), dict.fromkeys((90, 80), ((32, 32, 8, 2), (32, 32, 8, 2)))),
 }
 
 
@@ -902,8 +896,8 @@ def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: 
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
                     num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1)
     precision = "ieee" if dot_prec == "ieee" else "tf32" if dtype_bytes == 4 else "16bit"
-    (bm, bn, warps, stages), (bwd_m, bwd_n, bwd_warps, bwd_stages) = _TILES[
-        (_target_arch(), precision, 64 if block_d <= 64 else 128)]
+    (bm, bn, warps, stages), (bwd_m, bwd_n, bwd_warps, bwd_stages) = _TILES[precision][
+        64 if block_d <= 64 else 128][_target_arch()]
     if precision == "16bit" and n % bwd_m:
         # Ragged N: the row-masked loads of a 64-row query tile push the backward past 255 registers (40-56 bytes
         # of spill in fp16); 32-row query tiles fit.
