@@ -21,7 +21,9 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   only rows of kind 0 are local queries.
 * Band tiles are classified per tile, not per element: a tile inside the band, inside the sequence and free of
   global/padding columns takes the plain path (one FFMA, one exp2 per score); only the others build the element
-  mask. One software-pipelined loop walks all band tiles of a program.
+  mask. Whether a tile holds such a column is looked up in `SPECIAL` only by programs whose band holds one (one
+  check per program). One software-pipelined loop walks all band tiles of a program; when `N` is a multiple of
+  the tile, its loads carry no predicate.
 * Global rows are computed twice in the forward: the local-row tiles write them (cheaper than branching), then
   `_global_rows_merge_kernel` overwrites `O` and `LSE` of those rows with the global-branch result, whose key splits
   ran as extra programs of the same grid as the local-row tiles.
@@ -42,10 +44,13 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   query rows and write fp32 partials, summed once by the finalize kernel (deterministic, no atomics on a few hot
   addresses). The global rows' backward is split along the keys in the same grid; its dQ_global goes to the
   fp32 `DQG_ACC (B*H, G_pad, BLOCK_D)` by atomics. Every float atomic is relaxed: the adds commute, and only the
-  next kernel reads the sums.
-* Memory access is through pointers, not TMA tensor descriptors: the inputs may have any strides (a descriptor
-  needs 16-byte aligned strides and base), the prefix may have batch stride 0, and the pointer path is the one the
-  interpreter tests run; one code path keeps what the CPU tests check identical to what a GPU runs.
+  next kernel reads the sums (kernel boundaries order them). On a GPU dQ and dQ_global are therefore not bitwise
+  reproducible from run to run (the order of the fp32 adds varies); the forward, dK and dV are.
+* Memory access is through pointers, not TMA tensor descriptors. The inputs may have any strides and a descriptor
+  needs a 16-byte aligned base and strides, so the pointer path has to exist anyway; it is the path the
+  interpreter tests run, and a second, descriptor path would be checked only by compiling and on a GPU. With a
+  scalar tile pointer plus loop-invariant offsets the forward's band tile already meets its instruction budget
+  (BENCHMARKS.md). Descriptors remain a candidate for the GPU tuning round.
 """
 
 from __future__ import annotations
@@ -769,9 +774,9 @@ def _bwd_finalize_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
     HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
-    """Grid `(n_row_tiles + 1, B * H)`. Row tiles: `dQ = scale * DQ_ACC` and `dQ_global` (`scale * DQG_ACC` on
-    global rows, 0 elsewhere) in the input dtype. The last program: the shared keys' partials summed, `dK, dV` of
-    the global keys (overwriting the zeros the band programs wrote there) and the prefix gradients."""
+    """Grid `(n_row_tiles + 2, B * H)`. Row tiles: `dQ = scale * DQ_ACC` and `dQ_global` (`scale * DQG_ACC` on
+    global rows, 0 elsewhere) in the input dtype. The last two programs sum the shared keys' partials: `dK, dV` of
+    the global keys (overwriting the zeros the band programs wrote there), then the prefix gradients."""
     pid, bh, b, h = _program(H)
     if pid < n_row_tiles:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -786,8 +791,8 @@ def _bwd_finalize_kernel(
                              HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
             _store_rows(DQG + b * sdqgb + h * sdqgh, rows, sdqgn, row_ok, (dqg * scale).to(DQG.dtype.element_ty),
                         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    else:
-        if HAS_GLOBAL:
+    if HAS_GLOBAL:
+        if pid == n_row_tiles:
             cnt = tl.load(GCNT + b)
             for g0 in range(0, cnt, BLOCK_G):
                 g = g0 + tl.arange(0, BLOCK_G)
@@ -799,7 +804,8 @@ def _bwd_finalize_kernel(
                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
                 _store_rows(DV + b * sdvb + h * sdvh, gpos, sdvn, g_ok, dv.to(DV.dtype.element_ty),
                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        if HAS_PREFIX:
+    if HAS_PREFIX:
+        if pid == n_row_tiles + 1:
             for p0 in range(0, P, BLOCK_G):
                 pr = p0 + tl.arange(0, BLOCK_G)
                 p_ok = pr < P
@@ -868,14 +874,16 @@ def _token_tables(key_padding_mask, global_idx, global_count, b: int, n: int, de
 # resources (`benchmarks/kernel_resources.py`: no spills in fp16 / bf16, shared memory within the arch's limit,
 # fewest SASS instructions per tile; BENCHMARKS.md has the figures) and, for the 16-bit forward at D = 64, from the
 # H200 timings of the earlier kernels (64 x 64 tiles, 4 warps, 3 stages beat 128-row tiles). sm_80's `mma.sync`
-# backward needs twice the registers of sm_90's `wgmma` for a 64-row query tile, hence 32 rows there. To be
-# confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); there is no autotuning at run time.
+# backward spills with 64-row query tiles, hence 32 rows there (and fewer with dropout or a ragged N: `_config`);
+# IEEE fp32 dots need about twice the registers of a tensor-core tile, hence 16-key tiles in its backward and at
+# D = 128. To be confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); no autotuning at run time.
 _TILES = {
     "16bit": {64: {90: ((64, 64, 4, 3), (64, 64, 4, 2)), 80: ((64, 64, 4, 3), (32, 64, 4, 2))},
               128: {90: ((64, 64, 8, 2), (64, 64, 8, 2)), 80: ((64, 64, 8, 2), (32, 64, 8, 2))}},
-    "tf32": {64: dict.fromkeys((90, 80), ((64, 64, 4, 2), (32, 64, 4, 2))),
+    "tf32": {64: dict.fromkeys((90, 80), ((64, 64, 4, 2), (32, 32, 4, 2))),
              128: dict.fromkeys((90, 80), ((64, 32, 4, 2), (32, 32, 4, 2)))},
-    "ieee": dict.fromkeys((64, 128), dict.fromkeys((90, 80), ((32, 32, 8, 2), (32, 32, 8, 2)))),
+    "ieee": {64: dict.fromkeys((90, 80), ((32, 32, 8, 2), (32, 16, 8, 2))),
+             128: dict.fromkeys((90, 80), ((32, 16, 8, 2), (32, 16, 8, 2)))},
 }
 
 
@@ -888,7 +896,7 @@ def _target_arch() -> int:
     return 90 if isinstance(arch, int) and arch >= 90 else 80
 
 
-def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int) -> dict:
+def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int, dropout: bool) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = min(64, max(16, triton.next_power_of_2(max(num_global, 1))))
     if SMALL_TILES:
@@ -896,11 +904,15 @@ def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: 
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
                     num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1)
     precision = "ieee" if dot_prec == "ieee" else "tf32" if dtype_bytes == 4 else "16bit"
+    arch = _target_arch()
     (bm, bn, warps, stages), (bwd_m, bwd_n, bwd_warps, bwd_stages) = _TILES[precision][
-        64 if block_d <= 64 else 128][_target_arch()]
-    if precision == "16bit" and n % bwd_m:
-        # Ragged N: the row-masked loads of a 64-row query tile push the backward past 255 registers (40-56 bytes
-        # of spill in fp16); 32-row query tiles fit.
+        64 if block_d <= 64 else 128][arch]
+    if precision == "16bit" and dropout:
+        # The dropout bits push the backward past 255 registers (72-192 bytes of spill with the table's query
+        # tiles): half the rows fit.
+        bwd_m //= 2
+    elif precision == "16bit" and n % bwd_m:
+        # So do the row-masked loads of a ragged N with 64-row query tiles (40-56 bytes of spill in fp16).
         bwd_m = 32
     chunk = 1024 if n > 4096 else 512
     return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=block_g, BWD_M=bwd_m, BWD_N=bwd_n, CHUNK=chunk,
@@ -954,7 +966,8 @@ class _Launch:
         self.has_prefix = prefix_k is not None
         self.p = prefix_k.shape[1] if self.has_prefix else 0
         self.dot_prec = _dot_precision(q.dtype)
-        self.cfg = _config(self.d, self.n, max_global if has_global else 0, self.dot_prec, q.element_size())
+        self.cfg = _config(self.d, self.n, max_global if has_global else 0, self.dot_prec, q.element_size(),
+                           dropout_p > 0)
         self.tables = _token_tables(key_padding_mask, global_idx if has_global else None,
                                     global_count if has_global else None, self.b, self.n, self.device)
         self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
@@ -1068,7 +1081,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
 
     fin_m = 64
     n_row_tiles = triton.cdiv(n, fin_m)
-    _bwd_finalize_kernel[(n_row_tiles + 1, b * h)](
+    _bwd_finalize_kernel[(n_row_tiles + 2, b * h)](
         dq_acc, dqg_acc, L.slot, L.gidx, L.gcnt, gpart_k, gpart_v, ppart_k, ppart_v, dq, L.or_dummy(dq_g), dk, dv,
         L.or_dummy(dpk), L.or_dummy(dpv), *_strides(dq), *_strides(dq_g), *_strides(dk), *_strides(dv),
         *_strides(dpk), *_strides(dpv), n, h, p, n_pad, L.gstride, L.g_pad, num_chunks, n_prefix_slots,
@@ -1102,6 +1115,9 @@ def cannot_serve(args) -> str | None:
         return f"needs CUDA tensors, got {args.device}"
     if args.shape[3] > 256:
         return f"head_dim {args.shape[3]} > 256 is not supported"
+    tensors = (args.q, args.k, args.v, args.q_global, args.k_global, args.v_global, args.prefix_k, args.prefix_v)
+    if max(t.stride(-3) for t in tensors if t is not None) >= 2**24:
+        return "a row stride of 2**24 elements or more overflows the Triton kernels' 32-bit tile offsets"
     return None
 
 

@@ -181,17 +181,19 @@ print(" ".join(got))
     assert got[5:] in ([], ["tf32", "ieee", "tf32"])  # the newer API exists from PyTorch 2.9
 
 
-@pytest.mark.parametrize("dtype,precision,d", [(torch.float32, "highest", 32), (torch.float32, "high", 32),
-                                               (torch.float32, "high", 128), (torch.float16, "highest", 32)])
-def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d):
-    """The tiles a GPU uses (fp32 IEEE: 32 x 32, 8 warps; fp32 TF32: 64 x 64, backward 32 x 64, at D = 128 64 x 32
-    and 32 x 32; fp16 / bf16: 64 x 64; key chunks of 512) through the interpreter (which computes TF32 dots in
-    full fp32): several query tiles, band tiles inside and across the band's edge, 20 globals (more than one
-    global tile of 16), two key chunks, a prefix, padding."""
+@pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
+                                                 (torch.float32, "high", 128, 530), (torch.float16, "highest", 32, 530),
+                                                 (torch.float16, "highest", 32, 512)])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d, n):
+    """The tiles an sm_90 GPU uses (fp32 IEEE: 32 x 32, backward 32 x 16, 8 warps; fp32 TF32: 64 x 64 (64 x 32 at
+    D = 128), backward 32 x 32; fp16 / bf16: 64 x 64, backward 64 x 64 when N is a multiple of 64, else 32 x 64;
+    key chunks of 512) through the interpreter (which computes TF32 dots in full fp32): several query tiles, band
+    tiles inside and across the band's edge, 20 globals (more than one global tile of 16), one or two key chunks,
+    a prefix, padding."""
     monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
     fp32_matmul_precision(precision)
-    case = dict(b=2, n=530, h=1, d=d, prefix=2, globals_={0: [0, 100, 101, 529], 1: list(range(3, 530, 27))},
-                pad={1: list(range(500, 530))})
+    case = dict(b=2, n=n, h=1, d=d, prefix=2, globals_={0: [0, 100, 101, n - 1], 1: list(range(3, n, 27))},
+                pad={1: list(range(n - 30, n))})
     t, masks = make_case(**case)
     go = grad_out_like(t)
     if dtype == torch.float16:
