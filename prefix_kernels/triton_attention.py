@@ -655,20 +655,21 @@ def _global_rows_bwd_split(split, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, 
                            N, P, gidx_stride, g_pad, chunk, num_splits, n_prefix_slots, qk_scale, scale, dropout_p,
                            inv_keep, seed, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_G: tl.constexpr, SINGLE_G: tl.constexpr, HAS_KIND: tl.constexpr,
-                           HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                           TO_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """The global queries' backward against one key split (flash-decoding style): split `s < num_splits` owns the
     keys `[s * chunk, (s + 1) * chunk)` of `k_global, v_global` and writes their dK_global, dV_global; split
-    `num_splits` is the prefix, written as the last slot of the prefix partials. dQ_global parts go to the fp32
-    `DQG_ACC (B*H, G_pad, BLOCK_D)` by atomics: once per program when all global queries fit one block
-    (`SINGLE_G`), else once per (key tile, query block)."""
+    `num_splits` (`TO_PREFIX`) is the prefix, written as the last slot of the prefix partials. `TO_PREFIX` is a
+    compile-time flag, so the loop's stores need no branch (a branch there fails Triton 3.6's pipeliner).
+    dQ_global parts go to the fp32 `DQG_ACC (B*H, G_pad, BLOCK_D)` by atomics: once per program when all global
+    queries fit one block (`SINGLE_G`), else once per (key tile, query block)."""
     cnt = tl.load(GCNT + b)
     gidx_row = GIDX + b * gidx_stride
     qg_base = QG + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     dqg_base = DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D
-    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset, to_prefix = _key_split(
+    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset, _ = _key_split(
         split, num_splits, chunk, N, P, KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn,
-        PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=HAS_PREFIX)
+        PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=TO_PREFIX)
     if SINGLE_G:
         q, do, lse, delta, g, gpos = _global_query_block(qg_base, do_base, LSE, DELTA, gidx_row, 0, cnt, bh, N, sqn,
                                                          sdon, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
@@ -695,7 +696,7 @@ def _global_rows_bwd_split(split, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, 
                                            qk_scale, seed, dropout_p, inv_keep, COLS_TILE=True,
                                            HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
                 tl.atomic_add(_row_ptrs(dqg_base, g, BLOCK_D, BLOCK_D=BLOCK_D), dq, sem="relaxed")
-        if to_prefix:
+        if TO_PREFIX:
             part = (bh.to(tl.int64) * n_prefix_slots + n_prefix_slots - 1) * P + cols
             _store_rows(PPART_K, part, BLOCK_D, cols < end, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
             _store_rows(PPART_V, part, BLOCK_D, cols < end, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
@@ -727,14 +728,20 @@ def _attention_bwd_kernel(
     shared-key query chunks (`_shared_keys_bwd`), then one program per band key tile (`_band_keys_bwd`)."""
     pid, bh, b, h = _program(H)
     if HAS_GLOBAL:
-        if pid < n_global_progs:
-            _global_rows_bwd_split(
-                pid, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, KIND, GIDX, GCNT, DKG, DVG, DQG_ACC, PPART_K,
-                PPART_V, sqgb, sqgn, sqgh, skgb, skgn, skgh, svgb, svgn, svgh, spkb, spkn, spkh, spvb, spvn, spvh,
-                sdob, sdon, sdoh, sdkgb, sdkgn, sdkgh, sdvgb, sdvgn, sdvgh,
-                N, P, gidx_stride, g_pad, chunk, num_splits, n_prefix_slots, qk_scale, scale, dropout_p, inv_keep,
-                seed, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, SINGLE_G=SINGLE_G,
-                HAS_KIND=HAS_KIND, HAS_PREFIX=HAS_PREFIX, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+        # Two instances: the k_global splits, then (with a prefix) the prefix split.
+        for to_prefix in tl.static_range(1 + HAS_PREFIX):
+            mine = pid < num_splits
+            if to_prefix == 1:
+                mine = pid == num_splits
+            if mine:
+                _global_rows_bwd_split(
+                    pid, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, KIND, GIDX, GCNT, DKG, DVG, DQG_ACC, PPART_K,
+                    PPART_V, sqgb, sqgn, sqgh, skgb, skgn, skgh, svgb, svgn, svgh, spkb, spkn, spkh, spvb, spvn,
+                    spvh, sdob, sdon, sdoh, sdkgb, sdkgn, sdkgh, sdvgb, sdvgn, sdvgh,
+                    N, P, gidx_stride, g_pad, chunk, num_splits, n_prefix_slots, qk_scale, scale, dropout_p,
+                    inv_keep, seed, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
+                    SINGLE_G=SINGLE_G, HAS_KIND=HAS_KIND, TO_PREFIX=to_prefix == 1, HAS_DROPOUT=HAS_DROPOUT,
+                    DOT_PREC=DOT_PREC)
     if HAS_GLOBAL or HAS_PREFIX:
         if (pid >= n_global_progs) & (pid < n_global_progs + n_shared_progs):
             _shared_keys_bwd(
