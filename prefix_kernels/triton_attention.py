@@ -217,13 +217,12 @@ def _prefix_keys(pk_base, pv_base, spkn, spvn, p0, P, HEAD_DIM: tl.constexpr, BL
 @triton.jit
 def _key_split(split, num_splits, chunk, N, P, kg_base, vg_base, skn, svn, pk_base, pv_base, spkn, spvn,
                HAS_PREFIX: tl.constexpr):
-    """The keys of a global-row split: `(k_base, v_base, k_stride, v_stride, start, end, dropout position offset,
-    is_prefix)`. Split `s < num_splits` is the chunk `[s * chunk, (s + 1) * chunk)` of `k_global, v_global`, split
-    `num_splits` the prefix (selected, not branched on: the loop after it is the same)."""
+    """The keys of a global-row split: `(k_base, v_base, k_stride, v_stride, start, end, dropout position offset)`.
+    Split `s < num_splits` is the chunk `[s * chunk, (s + 1) * chunk)` of `k_global, v_global`, split `num_splits`
+    the prefix (selected, not branched on: the loop after it is the same)."""
     start = split * chunk
     end = tl.minimum(start + chunk, N)
     col_offset = split * 0
-    is_prefix = split < 0
     if HAS_PREFIX:
         is_prefix = split == num_splits
         kg_base = tl.where(is_prefix, pk_base, kg_base)
@@ -233,7 +232,7 @@ def _key_split(split, num_splits, chunk, N, P, kg_base, vg_base, skn, svn, pk_ba
         start = tl.where(is_prefix, 0, start)
         end = tl.where(is_prefix, P, end)
         col_offset = tl.where(is_prefix, _prefix_col0(N), col_offset)
-    return kg_base, vg_base, skn, svn, start, end, col_offset, is_prefix
+    return kg_base, vg_base, skn, svn, start, end, col_offset
 
 
 @triton.jit
@@ -366,7 +365,7 @@ def _global_rows_fwd_split(split, pid_g, bh, b, h, QG, KG, VG, PK, PV, KIND, GID
     m_i = tl.full([BLOCK_G], M_FLOOR, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset, _ = _key_split(
+    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset = _key_split(
         split, num_splits, chunk, N, P, KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn,
         PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=HAS_PREFIX)
     for n0 in range(start, end, BLOCK_N):
@@ -667,7 +666,7 @@ def _global_rows_bwd_split(split, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, 
     qg_base = QG + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     dqg_base = DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D
-    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset, _ = _key_split(
+    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset = _key_split(
         split, num_splits, chunk, N, P, KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn,
         PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=TO_PREFIX)
     if SINGLE_G:
