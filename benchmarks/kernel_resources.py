@@ -1,16 +1,29 @@
 """Compile every Triton kernel for a GPU architecture on any machine (no GPU needed) and report, per kernel,
-its registers per thread, spill stack and shared memory.
+its registers per thread, spill stack and shared memory, and per loop the SASS instructions one warp issues per
+tile.
 
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16,float16,float32] [--head-dim 32,64,128]
                                           [--dropout 0.1] [--fp32-precision highest|high] [--json out.json]
+                                          [--no-sass]
 
 The real launchers `prefix_kernels.triton_attention.forward` / `backward` run on small CPU tensors with global
 tokens, prefix keys, padding and (optionally) dropout, so every kernel is specialized exactly as a GPU call
 specializes it and built with the GPU tile configuration; Triton compiles each launch down to a cubin and does not
 launch it. `cuobjdump` (shipped with Triton) reads the registers and stack from the cubin. Two uses: a compile
 check that runs in CI (the interpreter tests never run Triton's compiler), and a first look at register pressure
-(a non-zero STACK is a spill to local memory) before timing on a GPU. The compiler is this machine's Triton,
-which may differ from the GPU machine's.
+(a non-zero STACK is a spill to local memory) and at the work per tile before timing on a GPU. The compiler is
+this machine's Triton, which may differ from the GPU machine's.
+
+SASS per tile, the method: `nvdisasm -c -gi` (also shipped with Triton) disassembles the cubin with line info.
+Every backward branch closes a loop: its body is the instructions from the branch target to the branch. Inside
+the body the instructions form a control-flow graph (fall-through, and forward branches that stay in the body;
+an inner loop is counted once). An *interior* tile is the shortest path from the loop's first instruction to its
+back branch (a band tile inside the band with no global or padding column skips the mask block), an *edge* tile
+the longest (everything the body can execute: the element mask, and dropout when compiled in). NOPs are not
+counted. A loop that holds another loop is left out (its tiles are the inner loop's). Each loop is named after
+the innermost Python `for` whose lines cover at least half as much of its body as the best-covering one (by the
+instructions' innermost source lines, else by their inline chains), and the line of the helper call it sits in.
+Counts are per warp and per tile: every warp of the program issues the same instructions.
 
 Run it in its own process: it replaces Triton's active driver with one that only names the target.
 """
@@ -18,12 +31,15 @@ Run it in its own process: it replaces Triton's active driver with one that only
 from __future__ import annotations
 
 import argparse
+import ast
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile for real
@@ -39,9 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, wh
 from prefix_kernels import triton_attention as ta  # noqa: E402
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-KERNELS = ("_local_rows_fwd_kernel", "_global_rows_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel",
-           "_local_rows_bwd_dq_kernel", "_band_keys_bwd_dkdv_kernel", "_global_keys_bwd_kernel",
-           "_global_rows_bwd_kernel", "_scatter_global_rows_kernel")
+KERNELS = ("_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
+           "_bwd_finalize_kernel")
 
 
 class _TargetOnlyDriver:
@@ -65,7 +80,7 @@ class _TargetOnlyDriver:
 
 def missing_tools() -> str | None:
     """Why this machine cannot run the check, or None."""
-    for tool in ("ptxas", "cuobjdump"):
+    for tool in ("ptxas", "cuobjdump", "nvdisasm"):
         if not (TRITON_BIN / tool).exists():
             return f"Triton's NVIDIA backend has no {tool} in {TRITON_BIN}"
     return None
@@ -83,10 +98,129 @@ def _resources(cubin: bytes) -> dict:
     return {"regs": int(m.group(1)), "stack": int(m.group(2))}
 
 
-def _problem(dtype: torch.dtype, head_dim: int):
-    """Small inputs that reach every kernel: 2 rows with different global counts, a prefix, padding."""
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_LOC = re.compile(r'File "([^"]+)", line (\d+)')
+_BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA(\.\S+)?\s+(?:!?U?P\w+,\s*)?`?\(?(\.L_x_\d+)")
+
+
+def _disassemble(cubin: bytes) -> list[tuple[str, str | None, tuple]]:
+    """`(instruction, label it starts, source lines)` per SASS instruction; the lines are `((file, line), ...)`:
+    the innermost line (`nvdisasm -g`) then the inline chain (`-gi`, which keeps only some levels)."""
+    listings = []
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        for flag in ("-g", "-gi"):
+            text = subprocess.run([str(TRITON_BIN / "nvdisasm"), "-c", flag, f.name], capture_output=True,
+                                  text=True, check=True).stdout
+            out, chain, label = [], (), None
+            for line in text.splitlines():
+                if line.lstrip().startswith("//##"):
+                    chain = tuple((f, int(n)) for f, n in _LOC.findall(line))
+                elif m := _LABEL.match(line.strip()):
+                    label = m.group(1)
+                elif m := _INSTR.match(line):
+                    out.append((m.group(2), label, chain))
+                    label = None
+            listings.append(out)
+    return [(ins, label, inner + outer) for (ins, label, inner), (_, _, outer) in zip(*listings, strict=True)]
+
+
+def _for_loops(path: str) -> list[tuple[int, int, str, str]]:
+    """`(first line, last line, enclosing function, source of the for line)` of every `for` in a Python file."""
+    tree = ast.parse(Path(path).read_text())
+    lines = Path(path).read_text().splitlines()
+    loops = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.For):
+                    loops.append((node.lineno, node.end_lineno, fn.name, lines[node.lineno - 1].strip()))
+    return loops
+
+
+def _path_lengths(body: list[str]) -> tuple[int, int]:
+    """Shortest and longest count of non-NOP instructions from `body[0]` to `body[-1]` (the back branch) through
+    the body's forward edges."""
+    labels = {}
+    n = len(body)
+    succ = [[] for _ in range(n)]
+    for i, (_, label) in enumerate(body):
+        if label:
+            labels[label] = i
+    for i, (ins, _) in enumerate(body[:-1]):
+        m = _BRANCH.match(ins)
+        unconditional = m is not None and m.group(1) is None and "P" not in ins.split("BRA", 1)[1].split("`")[0]
+        if not unconditional and not ins.startswith("EXIT") and not ins.startswith("RET"):
+            succ[i].append(i + 1)
+        if m and labels.get(m.group(3), -1) > i:
+            succ[i].append(labels[m.group(3)])
+    inf = float("inf")
+    short, long_ = [inf] * n, [-inf] * n
+    short[0] = long_[0] = 0
+    for i in range(n):  # edges only go forward: one pass in order is a topological order
+        if short[i] == inf:
+            continue
+        w = 0 if body[i][0].startswith("NOP") else 1
+        for j in succ[i]:
+            short[j] = min(short[j], short[i] + w)
+            long_[j] = max(long_[j], long_[i] + w)
+    last = 0 if body[-1][0].startswith("NOP") else 1
+    return int(short[-1]) + last, int(long_[-1]) + last
+
+
+def sass_per_tile(cubin: bytes, source: str) -> list[dict]:
+    """One row per SASS loop of a kernel: its Python `for` (`function:line`), the helper call it sits in, and the
+    instructions per warp of an interior and of an edge tile (see the module docstring)."""
+    ins = _disassemble(cubin)
+    at_label = {label: i for i, (_, label, _) in enumerate(ins) if label}
+    loops = _for_loops(source)
+    spans = []
+    for end, (text, _, _) in enumerate(ins):
+        m = _BRANCH.match(text)
+        start = at_label.get(m.group(3), end) if m else end
+        if start < end and end - start >= 16:  # shorter ones are wait/retry loops, not tile loops
+            spans.append((start, end))
+    rows = []
+    for start, end in spans:
+        if any(start <= s0 and e0 <= end and (s0, e0) != (start, end) for s0, e0 in spans):
+            continue  # an outer loop: its tiles are its inner loop's
+        body = ins[start:end + 1]
+        # Coverage by each instruction's innermost line first; by any line of its inline chain where no `for`
+        # holds an innermost line (the chain is partial: an inlined helper's loop is covered by its caller's loop
+        # too, through the call line).
+        for depth in (1, None):
+            hits = [(sum(any(f == source and lo <= ln <= hi for f, ln in chain[:depth]) for _, _, chain in body),
+                     lo, hi, fn, line) for lo, hi, fn, line in loops]
+            most = max((h[0] for h in hits), default=0)
+            if most:
+                break
+        if most == 0:
+            continue
+        # The innermost `for` that covers at least half as much as the best.
+        best = min((h for h in hits if 2 * h[0] >= most), key=lambda h: h[2] - h[1])[1:]
+        # The call site just outside the loop's function, when the loop sits in an inlined helper.
+        via = Counter()
+        for _, _, chain in body:
+            inside = [k for k, (f, ln) in enumerate(chain) if f == source and best[0] <= ln <= best[1]]
+            if inside and inside[0] + 1 < len(chain):
+                via[chain[inside[0] + 1][1]] += 1
+        interior, edge = _path_lengths([(t, lab) for t, lab, _ in body])
+        name = f"{best[2]}:{best[0]}" + (f" via {via.most_common(1)[0][0]}" if via else "")
+        # The same loop inlined twice through the same call line: number the copies in code order.
+        copies = sum(r["loop"].split(" #")[0] == name for r in rows)
+        rows.append(dict(loop=name + (f" #{copies + 1}" if copies else ""), code=best[3], interior=interior,
+                         edge=edge))
+    return rows
+
+
+def _problem(dtype: torch.dtype, head_dim: int, n: int):
+    """Small inputs that reach every kernel: 2 rows with different global counts, a prefix, padding. `n` a multiple
+    of every tile (as long, window-padded inputs are) compiles the full-tile specializations, another `n` the
+    ragged ones."""
     g = torch.Generator().manual_seed(0)
-    b, n, h, p = 2, 300, 2, 4
+    b, h, p = 2, 2, 4
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
@@ -100,8 +234,9 @@ def _problem(dtype: torch.dtype, head_dim: int):
     return (q, k, v, qg, kg, vg, pk, pv, pad, gidx, gcnt), dict(window=40, scale=head_dim**-0.5, max_global=3)
 
 
-def compile_all(arch: int, dtypes, head_dims, dropout_p: float) -> list[dict]:
-    """One row per compiled kernel specialization: config, kernel name, registers, stack, shared bytes."""
+def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True, lengths=(320,)) -> list[dict]:
+    """One row per compiled kernel specialization: config, kernel name, registers, stack, shared bytes and (with
+    `sass`) its loops' SASS instructions per tile."""
     compiled: list = []
     run = JITFunction.run
 
@@ -115,38 +250,52 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float) -> list[dict]:
     JITFunction.run = compile_only
     rows = []
     try:
-        for dtype in dtypes:
-            for d in head_dims:
-                inputs, kw = _problem(dtype, d)
-                kw.update(dropout_p=dropout_p, seed=1)
-                compiled.clear()
-                out, lse = ta.forward(*inputs, **kw)
-                ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
-                seen = set()
-                for name, kernel in compiled:
-                    if name in seen:
-                        continue
-                    seen.add(name)
-                    md = kernel.metadata
-                    dt = str(dtype).removeprefix("torch.")
-                    if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
-                        dt += "-tf32"
-                    rows.append(dict(arch=f"sm_{arch}", dtype=dt, head_dim=d,
-                                     dropout=dropout_p > 0, kernel=name, warps=md.num_warps, stages=md.num_stages,
-                                     shared=md.shared, **_resources(kernel.asm["cubin"])))
+        for dtype, d, n in itertools.product(dtypes, head_dims, lengths):
+            inputs, kw = _problem(dtype, d, n)
+            kw.update(dropout_p=dropout_p, seed=1)
+            compiled.clear()
+            out, lse = ta.forward(*inputs, **kw)
+            ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
+            seen = set()
+            for name, kernel in compiled:
+                if name in seen:
+                    continue
+                seen.add(name)
+                md = kernel.metadata
+                dt = str(dtype).removeprefix("torch.")
+                if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
+                    dt += "-tf32"
+                row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, n=n, dropout=dropout_p > 0, kernel=name,
+                           warps=md.num_warps, stages=md.num_stages, shared=md.shared,
+                           **_resources(kernel.asm["cubin"]))
+                if sass:
+                    row["loops"] = sass_per_tile(kernel.asm["cubin"], ta.__file__)
+                rows.append(row)
     finally:
         JITFunction.run = run
         driver._active = previous
     return rows
 
 
+def _label(r: dict) -> str:
+    return f"{r['arch']} {r['dtype']} D={r['head_dim']} N={r['n']}{' drop' if r['dropout'] else ''}"
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'config':<28} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'shared':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cfg = f"{r['arch']} {r['dtype']} D={r['head_dim']}{' drop' if r['dropout'] else ''}"
+        cfg = _label(r)
         lines.append(f"{cfg:<28} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
                      f"{r['stack']:>6} {r['shared']:>7}")
+    if any(r.get("loops") for r in rows):
+        head = f"{'config':<28} {'kernel':<28} {'loop (function:line, via call line)':<44} {'interior':>8} {'edge':>6}"
+        lines += ["", "SASS instructions per warp per tile", head, "-" * len(head)]
+        for r in rows:
+            cfg = _label(r)
+            for lp in r.get("loops", []):
+                lines.append(f"{cfg:<28} {r['kernel']:<28} {lp['loop']:<44} {lp['interior']:>8} {lp['edge']:>6}"
+                             f"   {lp['code'][:60]}")
     return "\n".join(lines)
 
 
@@ -159,6 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32-precision", default="highest", choices=("highest", "high", "medium"),
                     help="torch.set_float32_matmul_precision for the fp32 kernels (high/medium: TF32)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--no-sass", action="store_true", help="skip the SASS per-tile counts")
+    ap.add_argument("--seq-len", default="320,300", help="N of the compiled problems (320: full tiles only)")
     a = ap.parse_args(argv)
     why = missing_tools()
     if why:
@@ -166,7 +317,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_float32_matmul_precision(a.fp32_precision)
     rows = compile_all(a.arch, [getattr(torch, s) for s in a.dtype.split(",")],
-                       [int(s) for s in a.head_dim.split(",")], a.dropout)
+                       [int(s) for s in a.head_dim.split(",")], a.dropout, sass=not a.no_sass,
+                       lengths=[int(s) for s in a.seq_len.split(",")])
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

@@ -41,10 +41,10 @@ def _keep_mask_kernel(OUT, COLS, seed, dropout_p, n_cols, TILE: tl.constexpr, BL
     bh = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     if TILE:
-        keep = triton_attention._dropout_keep(seed, bh, offs, tl.load(COLS), dropout_p, True, BLOCK)
+        keep = triton_attention._dropout_keep(seed, bh, offs, tl.load(COLS), dropout_p, COLS_TILE=True, NCOLS=BLOCK)
     else:
         cols = tl.load(COLS + offs, mask=offs < n_cols, other=0)
-        keep = triton_attention._dropout_keep(seed, bh, offs, cols, dropout_p, False, BLOCK)
+        keep = triton_attention._dropout_keep(seed, bh, offs, cols, dropout_p, COLS_TILE=False, NCOLS=BLOCK)
     tl.store(OUT + bh * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], keep.to(tl.int8))
 
 

@@ -47,6 +47,7 @@ SHAPES = {
     "base_2k": (2, 2048, 12, 64, 256, (0, 17), 300, 0, False),
     "odd_prefix_d32": (2, 1000, 4, 32, 64, (0, 5), 200, 8, False),
     "d128_batch_prefix": (2, 777, 2, 128, 100, (1, 4), 50, 4, True),
+    "d128_full_tiles": (1, 1024, 4, 128, 128, (0, 4), 100, 4, False),  # N a multiple of every tile
     "window_over_n": (1, 600, 2, 64, 1024, (2, 2), 0, 3, False),
     "padding_row": (2, 300, 2, 64, 32, (0, 2), 0, 0, False),  # row 1 is all padding: no admissible key
     "base_16k": (1, 16384, 12, 64, 256, 17, 100, 0, False),
@@ -55,7 +56,7 @@ SHAPES = {
 CASES = [
     ("base_2k", torch.bfloat16), ("base_2k", torch.float32),
     ("odd_prefix_d32", torch.bfloat16), ("odd_prefix_d32", torch.float16),
-    ("d128_batch_prefix", torch.bfloat16), ("d128_batch_prefix", torch.float16),
+    ("d128_batch_prefix", torch.bfloat16), ("d128_batch_prefix", torch.float16), ("d128_full_tiles", torch.bfloat16),
     ("window_over_n", torch.float16),
     ("padding_row", torch.float16),
     ("base_16k", torch.bfloat16),
@@ -199,5 +200,8 @@ def test_torch_compile_fullgraph(backend):
     c_out = compiled(*leaves)
     c_grads = torch.autograd.grad(c_out.float().sum(), leaves)
     torch.testing.assert_close(c_out, out, rtol=0, atol=0)
-    for a, b in zip(c_grads, grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The Triton backward sums dQ with fp32 atomics, whose order (so the last bit before the bf16 cast) varies
+    # from run to run; dK and dV are written once per key and stay bitwise equal.
+    dq_tol = dict(rtol=1.6e-2, atol=1e-5) if backend == "triton" else dict(rtol=0, atol=0)
+    for a, b, tol in zip(c_grads, grads, (dq_tol, {"rtol": 0, "atol": 0}, {"rtol": 0, "atol": 0}), strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -79,8 +79,11 @@ CASES = {
     "empty_row": dict(b=2, n=20, h=2, d=16, globals_={0: [3]}, pad={1: list(range(20))}),
     # non-contiguous (B, H, N, D)-major inputs
     "strided": dict(b=1, n=33, h=2, d=16, strided=True, globals_={0: [16]}, pad={0: [31, 32]}),
+    # N a multiple of every tile: the kernels' unmasked full-tile loads
+    "even": dict(b=2, n=64, h=1, d=16, prefix=2, globals_={0: [0, 33]}, pad={1: list(range(50, 64))}),
 }
-WINDOWS = {"band": (0, 1, 16, 50), "mixed": (5, 33), "prefix_batched": (4,), "empty_row": (3,), "strided": (7,)}
+WINDOWS = {"band": (0, 1, 16, 50), "mixed": (5, 33), "prefix_batched": (4,), "empty_row": (3,), "strided": (7,),
+           "even": (5, 40)}
 PARAMS = [(name, w) for name, ws in WINDOWS.items() for w in ws]
 
 
@@ -178,17 +181,19 @@ print(" ".join(got))
     assert got[5:] in ([], ["tf32", "ieee", "tf32"])  # the newer API exists from PyTorch 2.9
 
 
-@pytest.mark.parametrize("dtype,precision,d", [(torch.float32, "highest", 32), (torch.float32, "high", 32),
-                                               (torch.float32, "high", 128), (torch.float16, "highest", 32)])
-def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d):
-    """The tiles a GPU uses (fp32 IEEE: 32 x 32, 8 warps; fp32 TF32: 64 x 64, backward 32 x 64, at D = 128 64 x 32
-    and 32 x 32; fp16 / bf16: 64 x 64; key chunks of 512) through the interpreter (which computes TF32 dots in
-    full fp32): several query tiles, band tiles inside and across the band's edge, 20 globals (more than one
-    global tile of 16), two key chunks, a prefix, padding."""
+@pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
+                                                 (torch.float32, "high", 128, 530), (torch.float16, "highest", 32, 530),
+                                                 (torch.float16, "highest", 32, 512)])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d, n):
+    """The tiles an sm_90 GPU uses (fp32 IEEE: 32 x 32, backward 32 x 16, 8 warps; fp32 TF32: 64 x 64 (64 x 32 at
+    D = 128), backward 32 x 32; fp16 / bf16: 64 x 64, backward 64 x 64 when N is a multiple of 64, else 32 x 64;
+    key chunks of 512) through the interpreter (which computes TF32 dots in full fp32): several query tiles, band
+    tiles inside and across the band's edge, 20 globals (more than one global tile of 16), one or two key chunks,
+    a prefix, padding."""
     monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
     fp32_matmul_precision(precision)
-    case = dict(b=2, n=530, h=1, d=d, prefix=2, globals_={0: [0, 100, 101, 529], 1: list(range(3, 530, 27))},
-                pad={1: list(range(500, 530))})
+    case = dict(b=2, n=n, h=1, d=d, prefix=2, globals_={0: [0, 100, 101, n - 1], 1: list(range(3, n, 27))},
+                pad={1: list(range(n - 30, n))})
     t, masks = make_case(**case)
     go = grad_out_like(t)
     if dtype == torch.float16:
@@ -373,6 +378,27 @@ def test_global_index_is_cached_per_tensor_and_version():
     idx2, count2, _ = custom_op.global_index(is_global)
     assert idx2 is not idx and idx2[1].tolist() == [7, 9] and count2.tolist() == [2, 2]
     assert custom_op.global_index(torch.zeros(2, 10, dtype=torch.bool)) == (None, None, 0)
+
+
+def test_token_tables_are_built_once_per_mask_and_rebuilt_after_an_edit():
+    """`KIND`, `SPECIAL` and `SLOT` are cached per (padding mask, compact global index) tensors, as every layer of
+    a model passes the same ones; an in-place edit of the mask rebuilds them."""
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 8:] = True
+    is_global = torch.zeros(2, 10, dtype=torch.bool)
+    is_global[0, [2, 5]] = True
+    is_global[1, 0] = True
+    idx, count, _ = custom_op.global_index(is_global)
+    kind, special, slot = triton_attention._token_tables(pad, idx, count, 2, 10, "cpu")
+    assert kind.tolist() == [[0, 0, 1, 0, 0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 2, 2]]
+    assert special.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3]]
+    assert slot.tolist() == [[-1, -1, 0, -1, -1, 1, -1, -1, -1, -1], [0] + [-1] * 9]
+    again = triton_attention._token_tables(pad, *custom_op.global_index(is_global)[:2], 2, 10, "cpu")
+    assert all(a is b for a, b in zip(again, (kind, special, slot), strict=True))  # no rebuild
+    pad[0, 9] = True  # in place: bumps _version
+    kind2 = triton_attention._token_tables(pad, idx, count, 2, 10, "cpu")[0]
+    assert kind2 is not kind and kind2[0, 9].item() == 2
+    assert triton_attention._token_tables(None, None, None, 2, 10, "cpu") is None
 
 
 def test_no_global_token_with_projections_gives_zero_projection_gradients():

@@ -2,9 +2,9 @@
 
 The interpreter tests check what the kernels compute but never run the compiler, which rejects things the
 interpreter accepts (types, layouts, shared memory beyond the device's). `benchmarks/kernel_resources.py` runs the
-real launchers with the GPU tile configuration and compiles every launch for a named architecture without a GPU;
-it runs in a subprocess because `TRITON_INTERPRET`, set for this process by `conftest.py`, is read when `triton`
-is first imported.
+real launchers with the GPU tile configuration and compiles every launch for a named architecture without a GPU,
+then counts the SASS instructions per tile of every loop; it runs in a subprocess because `TRITON_INTERPRET`, set
+for this process by `conftest.py`, is read when `triton` is first imported.
 """
 
 from __future__ import annotations
@@ -19,35 +19,53 @@ from pathlib import Path
 import pytest
 
 TOOL = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-KERNELS = {"_local_rows_fwd_kernel", "_global_rows_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel",
-           "_local_rows_bwd_dq_kernel", "_band_keys_bwd_dkdv_kernel", "_global_keys_bwd_kernel",
-           "_global_rows_bwd_kernel", "_scatter_global_rows_kernel"}
+KERNELS = {"_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
+           "_bwd_finalize_kernel"}
 # Shared memory per block on the target (opt-in maximum): a kernel above it compiles but cannot launch.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+# SASS instructions one warp issues per interior band tile of the forward (bf16, D = 64, sm_90, 64 x 64 tiles,
+# N a multiple of the tile): the budget that leaves the tile's exp2 and fp32 work, not its bookkeeping, as the cost.
+FORWARD_INTERIOR_BUDGET = 320
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
-@pytest.mark.parametrize("arch, dtype, head_dim, dropout, fp32_precision", [
-    (90, "bfloat16", 64, 0.0, "highest"),  # the headline configuration
-    (90, "float16", 128, 0.1, "highest"),
-    (80, "float32", 32, 0.1, "highest"),  # IEEE fp32
-    (80, "float32", 128, 0.0, "high"),  # TF32
+@pytest.mark.parametrize("arch, dtype, head_dim, dropout, fp32_precision, seq_len", [
+    (90, "bfloat16", 64, 0.0, "highest", "320,300"),  # the headline configuration, full and ragged tiles
+    (90, "float16", 128, 0.1, "highest", "300"),
+    (80, "float32", 32, 0.1, "highest", "320"),  # IEEE fp32
+    (80, "float32", 128, 0.0, "high", "300"),  # TF32
 ])
-def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout, fp32_precision):
+def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout, fp32_precision, seq_len):
     out = tmp_path / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile now, not from an earlier run's cache
     args = ["--arch", str(arch), "--dtype", dtype, "--head-dim", str(head_dim), "--dropout", str(dropout),
-            "--fp32-precision", fp32_precision, "--json", str(out)]
+            "--fp32-precision", fp32_precision, "--seq-len", seq_len, "--json", str(out)]
     r = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=900)
     if r.returncode == 2:
         pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
-    assert {row["kernel"] for row in rows} == KERNELS
+    lengths = [int(n) for n in seq_len.split(",")]
+    assert sorted((row["kernel"], row["n"]) for row in rows) == sorted((k, n) for k in KERNELS for n in lengths)
     for row in rows:
         tf32 = "-tf32" if dtype == "float32" and fp32_precision != "highest" else ""
         assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype + tf32, head_dim)
         assert 0 < row["regs"] <= 255, row
         assert row["shared"] <= MAX_SHARED[arch], row
+        if dtype != "float32":
+            assert row["stack"] == 0, f"{row['kernel']} spills {row['stack']} bytes"
+        for loop in row["loops"]:
+            assert 0 < loop["interior"] <= loop["edge"], (row["kernel"], loop)
+    # Every tile loop of the main kernels was found in the SASS and named after its Python loop.
+    by_kernel = {(row["kernel"], row["n"]): {lp["loop"].split(" ")[0] for lp in row["loops"]} for row in rows}
+    for n in lengths:
+        assert "_local_rows_fwd:" in " ".join(by_kernel[("_attention_fwd_kernel", n)]), by_kernel
+        assert "_band_keys_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n)]), by_kernel
+    if (arch, dtype, head_dim, dropout) == (90, "bfloat16", 64, 0.0):
+        full = next(row for row in rows if row["kernel"] == "_attention_fwd_kernel" and row["n"] % 64 == 0)
+        band = next(lp for lp in full["loops"]
+                    if lp["loop"].startswith("_local_rows_fwd:") and "tl.range" in lp["code"])
+        assert band["interior"] <= FORWARD_INTERIOR_BUDGET, band
+        assert band["edge"] > band["interior"]  # the mask is built on edge tiles only
