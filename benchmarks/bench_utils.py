@@ -29,7 +29,7 @@ from report import add_ratios
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwdbwd")
-# Forward+backward useful FLOPs are 3.5x the forward's (SPEC §8): the backward recomputes the scores.
+# Forward+backward useful FLOPs are 3.5x the forward's: the backward recomputes the scores.
 FWDBWD_FACTOR = 3.5
 
 

@@ -26,7 +26,7 @@ CPU_DTYPES = ("fp32", "bf16")
 MODULE_PROVIDERS = ("hf", "reference", "triton", "cuda")
 MODEL_PROVIDERS = ("hf", "triton", "cuda")
 HEADLINE_N = 16384
-HEADLINE = Shape("bf16", 4, HEADLINE_N)  # SPEC §8: one longformer-base layer, 16 prefix slots + <s> global
+HEADLINE = Shape("bf16", 4, HEADLINE_N)  # one longformer-base layer, 16 prefix slots + <s> global
 
 
 def run_priority(level: str, provider: str, shape: Shape) -> int:

@@ -21,10 +21,9 @@ import torch
 
 from .checks import AttentionArgs, check_inputs
 
-# `auto` order, fastest first. Measured at the headline shape (bf16, B=4, N=16384, H=12, D=64, w=256, 17
-# globals, H200): Triton 0.70 ms forward / 2.49 ms forward+backward, the CUDA library 7.05 / 24.7 ms. On a CPU
-# the `cpu` backend (block-batched matmuls) serves fp32/bf16/fp16 faster than HF's eager attention; `reference`
-# (the readable statement of the semantics) stays last and serves everything else (fp64, any device).
+# `auto` order, fastest first, as measured (BENCHMARKS.md): on a GPU the Triton kernels ahead of the CUDA library;
+# on a CPU the `cpu` backend (block-batched matmuls) for fp32/bf16/fp16; `reference` (the readable statement of the
+# semantics) last, for everything else (fp64, any device).
 BACKEND_ORDER = ("triton", "cuda", "cpu", "reference")
 _BACKEND_MODULES = {
     "cuda": "prefix_kernels.cuda_attention",

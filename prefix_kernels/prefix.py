@@ -1,4 +1,4 @@
-"""Prefix-propagation (SPEC §4) and prefix-tuning (SPEC §3) on Hugging Face Longformer and LED models.
+"""Prefix-propagation and prefix-tuning on Hugging Face Longformer and LED models.
 
 Both work by wrapping, not by copying HF's modeling code:
 
@@ -448,7 +448,7 @@ def apply_prefix_propagation(
     backend: str = "auto",
     init_std: float = 0.02,
 ) -> PrefixPropagation:
-    """Add prefix-propagation (SPEC §4) to a Longformer / LED model in place, patch its attention, and freeze
+    """Add prefix-propagation to a Longformer / LED model in place, patch its attention, and freeze
     everything but the prefix and the task head.
 
     Args:
@@ -485,7 +485,7 @@ def apply_prefix_tuning(
     backend: str = "auto",
     init_std: float = 0.02,
 ) -> PrefixTuning:
-    """Add prefix-tuning (SPEC §3) to a Longformer / LED model in place, patch its attention, and freeze
+    """Add prefix-tuning to a Longformer / LED model in place, patch its attention, and freeze
     everything but the prefix and the task head.
 
     Args:
