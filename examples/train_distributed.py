@@ -27,20 +27,12 @@ from prefix_kernels.attention import BACKEND_ORDER
 
 def build_model(seq_len: int, num_prefix: int, backend: str, seed: int = 0) -> torch.nn.Module:
     """The same random classifier with prefix-propagation on every rank (same seed)."""
-    import transformers
+    from prefix_kernels.demo import tiny_classifier
 
-    from prefix_kernels.demo import BOS, EOS, PAD
-
-    config = transformers.LongformerConfig(
-        vocab_size=12, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        attention_window=32, max_position_embeddings=seq_len + num_prefix + 4, pad_token_id=PAD,
-        bos_token_id=BOS, eos_token_id=EOS, num_labels=2, initializer_range=0.125,
-        # No dropout: a run on N processes then reaches exactly the weights of one process on the global batch
-        # (with dropout the masks depend on how the batch is split, so only the distribution would agree).
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
     torch.manual_seed(seed)
-    model = transformers.LongformerForSequenceClassification(config)
+    # No dropout: a run on N processes then reaches exactly the weights of one process on the global batch
+    # (with dropout the masks depend on how the batch is split, so only the distribution would agree).
+    model = tiny_classifier(seq_len + num_prefix, dropout=0.0)
     pk.apply_prefix_propagation(model, num_prefix=num_prefix, pool_prefix=True, backend=backend)
     return model
 

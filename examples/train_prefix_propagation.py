@@ -121,19 +121,10 @@ def build_model(args, num_classes: int):
 
     if not args.synthetic:
         return transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_classes)
-    config = transformers.LongformerConfig(
-        vocab_size=12,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        attention_window=32,
-        max_position_embeddings=args.max_length + args.num_prefix + 4,
-        pad_token_id=1,
-        num_labels=num_classes,
-        initializer_range=0.125,
-    )
-    return transformers.LongformerForSequenceClassification(config)
+    from prefix_kernels.demo import tiny_classifier
+
+    # HF's default dropout (0.1), as in fine-tuning.
+    return tiny_classifier(args.max_length + args.num_prefix, num_labels=num_classes, dropout=0.1)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -65,29 +65,39 @@ def make_task(
     }
 
 
+def tiny_classifier(max_length: int, *, vocab: int = 12, num_labels: int = 2, init_range: float = 0.125,
+                    dropout: float = 0.0) -> torch.nn.Module:
+    """The small random `LongformerForSequenceClassification` (hidden 64, 2 layers, 4 heads, window 32) of the
+    demo and the examples. `max_length` counts the prefix slots; the position table also holds Longformer's
+    offset of `padding_idx + 1` positions."""
+    import transformers
+
+    config = transformers.LongformerConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        attention_window=32,
+        max_position_embeddings=max_length + 4,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        initializer_range=init_range,
+    )
+    return transformers.LongformerForSequenceClassification(config)
+
+
 def build_model(args) -> torch.nn.Module:
     """A small random `LongformerForSequenceClassification`, or `--model` loaded with a 2-label head."""
     import transformers
 
     if args.model:
         return transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    config = transformers.LongformerConfig(
-        vocab_size=args.vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        attention_window=32,
-        max_position_embeddings=args.seq_len + args.num_prefix + 4,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=args.init_range,
-    )
-    return transformers.LongformerForSequenceClassification(config)
+    return tiny_classifier(args.seq_len + args.num_prefix, vocab=args.vocab, init_range=args.init_range)
 
 
 def resolved_backend(backend: str, device: torch.device) -> str:
