@@ -10,6 +10,10 @@ Each backend is a module with three functions:
 its kernels (Triton's interpreter, `TRITON_INTERPRET=1`: thousands of times slower than the reference backend); an
 explicit backend that cannot serve raises `ValueError` with the reason, and an explicit `"triton"` still runs the
 interpreter. `PREFIX_KERNELS_BACKEND` overrides the `backend` argument.
+
+`local_rows_attention` is the same dispatch for an internal mode (`AttentionArgs.local_rows_only`): the local rows
+alone, for the patched HF module that computes the global rows from the hidden states (`patching.py`); a backend
+that cannot serve it says so in `cannot_serve`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ With few global tokens (`2 * G <= D`) the patched module computes the global row
   global counts per row (one row without any), both sides of the `2 * G <= D` rule (which path ran is counted);
 * prefix-tuning against a dense oracle written here (HF has no prefix-tuning), prefix-propagation against the
   fused global rows (the path the prefix tests check against a dense re-implementation);
-* `layer_head_mask` scaling, dropout (exact zeros as `p -> 1`, unbiased on average, seeded determinism).
+* `layer_head_mask` scaling, dropout (exact zeros as `p -> 1`, unbiased on average, seeded determinism);
+* on a GPU (skipped without CUDA): the Triton kernels' local-rows-only mode against the fp64 reference, and the
+  patched module on the Triton backend against HF.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from prefix_kernels.reference import dense_attention  # noqa: E402
 
 LOCAL_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+CPU_BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_attention.INTERPRET, reason="the Triton backend takes CPU tensors only under TRITON_INTERPRET=1 "
+    "(test_local_rows_only_triton_on_gpu runs it on a GPU)"))]
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +109,7 @@ OP_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", list(OP_CASES))
 def test_local_rows_only_op_matches_dense_reference(backend, case):
     c = dict(OP_CASES[case])
@@ -131,7 +136,7 @@ def test_local_rows_only_op_matches_dense_reference(backend, case):
         assert_close(g, w, dtype, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_local_rows_only_op_with_dropout(backend):
     """Dropout in the local-rows-only mode: global rows stay exactly 0, a seed gives one result (forward and
     backward), and the local rows average out to the undropped result."""
@@ -514,3 +519,73 @@ def test_dropout_is_unbiased_and_seeded(paths):
     err = (mean - plain)[glob].abs().mean()
     spread = (out - plain)[glob].abs().mean()
     assert spread > 0.01 and err < 1.5 * spread / draws**0.5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# On a GPU
+# ------------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# atol relative to max(1, |reference|), on top of twice the error of the same computation in PyTorch at the dtype.
+GPU_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_local_rows_only_triton_on_gpu(monkeypatch, dtype):
+    """Longformer-base heads (H=12, D=64, w=256), N=2048, 0-17 globals per row, padding, a prefix: output and the
+    local gradients against the fp64 dense reference with the global rows zeroed (error <= 2x PyTorch's at the
+    dtype + atol)."""
+    if pk.available_backends()["triton"] is not None:
+        pytest.skip(f"backend 'triton' unavailable: {pk.available_backends()['triton']}")
+    monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
+    b, n, h, d, w = 2, 2048, 12, 64, 256
+    t = {k: x.cuda() for k, x in random_inputs(b, n, h, d, prefix=4, dtype=torch.float64, seed=11).items()}
+    g = torch.Generator().manual_seed(12)
+    glob = torch.zeros(b, n, dtype=torch.bool)
+    glob[0, torch.randperm(n, generator=g)[:17]] = True
+    glob[1, :3] = True
+    pad = torch.zeros(b, n, dtype=torch.bool)
+    pad[1, 1800:] = True
+    glob, pad = glob.cuda(), pad.cuda()
+    go = torch.randn(b, n, h, d, generator=torch.Generator().manual_seed(13), dtype=torch.float64).cuda()
+
+    def run(fn, dt):
+        leaves = {k: t[k].to(dt).requires_grad_() for k in LOCAL_NAMES}
+        out = fn(leaves, dt)
+        return out, torch.autograd.grad(out, list(leaves.values()), go.to(out.dtype))
+
+    def dense(leaves, dt):
+        proj = {k: t[k].to(dt) for k in ("q_global", "k_global", "v_global")}
+        out = dense_attention(**leaves, **proj, window=w, is_global=glob, key_padding_mask=pad)
+        return out.masked_fill(glob[:, :, None, None], 0.0)
+
+    got = run(lambda leaves, dt: local_rows_attention(**leaves, window=w, is_global=glob, key_padding_mask=pad,
+                                                      backend="triton"), dtype)
+    ref = run(dense, torch.float64)
+    base = ref if dtype == torch.float32 else run(dense, dtype)
+    assert got[0].dtype == dtype and (got[0][glob] == 0).all()
+    for label, a, bb, r in [("out", got[0], base[0], ref[0]),
+                            *zip(LOCAL_NAMES, got[1], base[1], ref[1], strict=True)]:
+        assert torch.isfinite(a).all(), label
+        err = (a.double() - r).abs().max().item()
+        base_err = 0.0 if dtype == torch.float32 else (bb.double() - r).abs().max().item()
+        assert err <= 2 * base_err + GPU_ATOL[dtype] * max(1.0, r.abs().max().item()), (label, err, base_err)
+
+
+@gpu
+def test_patched_module_on_gpu_matches_hf(paths):
+    """fp32 on the GPU: the direct global rows with the Triton backend's local rows against HF."""
+    if pk.available_backends()["triton"] is not None:
+        pytest.skip(f"backend 'triton' unavailable: {pk.available_backends()['triton']}")
+    hf, ours = self_attention(torch.float32)
+    hf.cuda()
+    patching.patch_longformer(ours, "triton").cuda()
+    x, grad_out, glob, pad = module_case((16, 2, 5), torch.float32)
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in hf_mask(glob, pad, torch.float32).items()}
+    got = module_run(ours, x.cuda(), kwargs, grad_out.cuda())
+    want = module_run(hf, x.cuda(), kwargs, grad_out.cuda())
+    (out, grads), (want_out, want_grads) = got, want
+    for name, a, w in [("output", out, want_out), *((k, grads[k], want_grads[k]) for k in want_grads)]:
+        torch.testing.assert_close(a, w, atol=1e-4 * max(1.0, w.abs().max().item()), rtol=0, msg=name)
+    assert paths == {"direct": 1, "fused": 0}
