@@ -140,9 +140,10 @@ def fused_self_attention(
     Returns:
         `(B, N, C)` in the dtype of the projections.
 
-    With global tokens, run eagerly (not traced by `torch.compile` or an exporter) and at most `D / 2` global tokens
-    in a batch row, the global rows are computed from the hidden states by `_global_rows_from_hidden` and the op
-    computes the local rows only: `key_global` and `value_global` never project the whole sequence.
+    With global tokens, run eagerly (not traced by `torch.compile` or an exporter), at most `D / 2` global tokens
+    in a batch row and `key_global`, `value_global` plain `nn.Linear` layers, the global rows are computed from the
+    hidden states by `_global_rows_from_hidden` and the op computes the local rows only: `key_global` and
+    `value_global` never project the whole sequence.
     """
     b, n, c = hidden_states.shape
     h, d = module.num_heads, module.head_dim
@@ -176,7 +177,8 @@ def fused_self_attention(
         # The op's own compact index (same combined mask, same cache): one host read per forward pass for the
         # whole model.
         index = global_index(glob if is_index_masked is None else _global_without_padding(glob, is_index_masked))
-        if not _global_rows_from_hidden_pays(index[2], d):
+        if not (_global_rows_from_hidden_pays(index[2], d) and _plain_linear(module.key_global)
+                and _plain_linear(module.value_global)):
             index = None
     if index is not None:
         idx, counts, g = index
@@ -210,6 +212,13 @@ def _scale_heads(out: torch.Tensor, layer_head_mask: torch.Tensor | None) -> tor
     if layer_head_mask is None:
         return out
     return out * layer_head_mask.to(out.dtype).view(1, 1, -1, 1)
+
+
+def _plain_linear(linear: nn.Module) -> bool:
+    """Whether `linear` computes exactly `x @ weight.T + bias` from its own two parameters: an `nn.Linear` (not a
+    subclass or a wrapper: LoRA adapters, quantized layers) with no forward hooks, so that its weight and bias may
+    be used without calling it."""
+    return type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
 
 
 def _global_rows_from_hidden_pays(max_global: int, head_dim: int) -> bool:

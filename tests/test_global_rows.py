@@ -289,27 +289,55 @@ def test_module_fp64_matches_dense_oracle(paths, counts):
     assert paths == {"direct": int(direct), "fused": int(not direct)}
 
 
-def test_key_and_value_global_project_nothing(paths):
+def test_key_and_value_global_project_nothing(paths, monkeypatch):
     """On the direct path `key_global` / `value_global` are never called (their weights enter the products with
-    the hidden states); `query_global` projects the global rows only."""
+    the hidden states); `query_global` projects the global rows only. (Calls are recorded at the class level: a
+    hook on the instance would itself send the layer through the projections.)"""
     hf, ours = self_attention()
+    names = {id(getattr(ours, name)): name for name in ("query_global", "key_global", "value_global")}
     calls = {}
+    linear_forward = torch.nn.Linear.forward
 
-    def record(name):
-        def hook(module, args, out):
-            calls.setdefault(name, args[0].shape)
-        return hook
+    def recording_forward(self, x):
+        if id(self) in names:
+            calls.setdefault(names[id(self)], x.shape)
+        return linear_forward(self, x)
 
-    for name in ("query_global", "key_global", "value_global"):
-        getattr(ours, name).register_forward_hook(record(name))
     glob = torch.zeros(2, 32, dtype=torch.bool)
     glob[0, [1, 9]] = True
     glob[1, 30] = True
     x = torch.randn(2, 32, 64)
     kwargs = hf_mask(glob, torch.zeros_like(glob), torch.float32)
-    assert_same(module_run(ours, x, kwargs, torch.ones(2, 32, 64)), module_run(hf, x, kwargs, torch.ones(2, 32, 64)),
-                torch.float32)
+    want = module_run(hf, x, kwargs, torch.ones(2, 32, 64))
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording_forward)
+    assert_same(module_run(ours, x, kwargs, torch.ones(2, 32, 64)), want, torch.float32)
     assert calls == {"query_global": torch.Size([2, 2, 64])} and paths["direct"] == 1
+
+
+class _ShiftedLinear(torch.nn.Linear):
+    """A Linear whose output is not `x @ W.T + b` alone (as with a LoRA adapter): its weights must not be used
+    without calling it."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.25 * x.roll(1, dims=-1)
+
+
+@pytest.mark.parametrize("change", ["subclass", "forward_hook"])
+def test_wrapped_key_global_takes_the_fused_path(paths, change):
+    """A `key_global` that is not a plain `nn.Linear` (a subclass, or a forward hook that changes its output):
+    the global rows go through the projections, and the result is HF's with the same layer."""
+    hf, _ = self_attention()
+    if change == "subclass":
+        shifted = _ShiftedLinear(64, 64)
+        shifted.load_state_dict(hf.key_global.state_dict())
+        hf.key_global = shifted
+    else:
+        hf.key_global.register_forward_hook(lambda m, args, out: out + 0.25 * args[0].roll(1, dims=-1))
+    ours = patching.patch_longformer(copy.deepcopy(hf), "reference")
+    x, grad_out, glob, pad = module_case((3, 0, 1), torch.float32)
+    kwargs = hf_mask(glob, pad, torch.float32)
+    assert_same(module_run(ours, x, kwargs, grad_out), module_run(hf, x, kwargs, grad_out), torch.float32)
+    assert paths == {"direct": 0, "fused": 1}
 
 
 def test_layer_head_mask_scales_global_and_local_rows(paths, monkeypatch):
