@@ -7,8 +7,9 @@ tile.
                                           [--no-sass]
 
 The real launchers `prefix_kernels.triton_attention.forward` / `backward` run on small CPU tensors with global
-tokens, prefix keys, padding and (optionally) dropout, so every kernel is specialized exactly as a GPU call
-specializes it and built with the GPU tile configuration; Triton compiles each launch down to a cubin and does not
+tokens, prefix keys, padding and (optionally) dropout, once with the global projections and once without them (local
+rows only, rows marked `local`), so every kernel is specialized exactly as a GPU call specializes it and built with
+the GPU tile configuration; Triton compiles each launch down to a cubin and does not
 launch it. `cuobjdump` (shipped with Triton) reads the registers and stack from the cubin. Two uses: a compile
 check that runs in CI (the interpreter tests never run Triton's compiler), and a first look at register pressure
 (a non-zero STACK is a spill to local memory) and at the work per tile before timing on a GPU. The compiler is
@@ -251,26 +252,29 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
     rows = []
     try:
         for dtype, d, n in itertools.product(dtypes, head_dims, lengths):
-            inputs, kw = _problem(dtype, d, n)
-            kw.update(dropout_p=dropout_p, seed=1)
-            compiled.clear()
-            out, lse = ta.forward(*inputs, **kw)
-            ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
-            seen = set()
-            for name, kernel in compiled:
-                if name in seen:
-                    continue
-                seen.add(name)
-                md = kernel.metadata
-                dt = str(dtype).removeprefix("torch.")
-                if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
-                    dt += "-tf32"
-                row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, n=n, dropout=dropout_p > 0, kernel=name,
-                           warps=md.num_warps, stages=md.num_stages, shared=md.shared,
-                           **_resources(kernel.asm["cubin"]))
-                if sass:
-                    row["loops"] = sass_per_tile(kernel.asm["cubin"], ta.__file__)
-                rows.append(row)
+            for local in (False, True):
+                inputs, kw = _problem(dtype, d, n)
+                if local:  # local rows only: a global index without the global projections
+                    inputs = (*inputs[:3], None, None, None, *inputs[6:])
+                kw.update(dropout_p=dropout_p, seed=1)
+                compiled.clear()
+                out, lse = ta.forward(*inputs, **kw)
+                ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
+                seen = set()
+                for name, kernel in compiled:
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    md = kernel.metadata
+                    dt = str(dtype).removeprefix("torch.")
+                    if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
+                        dt += "-tf32"
+                    row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, n=n, dropout=dropout_p > 0, local=local,
+                               kernel=name, warps=md.num_warps, stages=md.num_stages, shared=md.shared,
+                               **_resources(kernel.asm["cubin"]))
+                    if sass:
+                        row["loops"] = sass_per_tile(kernel.asm["cubin"], ta.__file__)
+                    rows.append(row)
     finally:
         JITFunction.run = run
         driver._active = previous
@@ -278,23 +282,24 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
 
 
 def _label(r: dict) -> str:
-    return f"{r['arch']} {r['dtype']} D={r['head_dim']} N={r['n']}{' drop' if r['dropout'] else ''}"
+    return (f"{r['arch']} {r['dtype']} D={r['head_dim']} N={r['n']}{' drop' if r['dropout'] else ''}"
+            f"{' local' if r.get('local') else ''}")
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'config':<28} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'shared':>7}"
+    head = f"{'config':<36} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'shared':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cfg = _label(r)
-        lines.append(f"{cfg:<28} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
+        lines.append(f"{cfg:<36} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
                      f"{r['stack']:>6} {r['shared']:>7}")
     if any(r.get("loops") for r in rows):
-        head = f"{'config':<28} {'kernel':<28} {'loop (function:line, via call line)':<44} {'interior':>8} {'edge':>6}"
+        head = f"{'config':<36} {'kernel':<28} {'loop (function:line, via call line)':<44} {'interior':>8} {'edge':>6}"
         lines += ["", "SASS instructions per warp per tile", head, "-" * len(head)]
         for r in rows:
             cfg = _label(r)
             for lp in r.get("loops", []):
-                lines.append(f"{cfg:<28} {r['kernel']:<28} {lp['loop']:<44} {lp['interior']:>8} {lp['edge']:>6}"
+                lines.append(f"{cfg:<36} {r['kernel']:<28} {lp['loop']:<44} {lp['interior']:>8} {lp['edge']:>6}"
                              f"   {lp['code'][:60]}")
     return "\n".join(lines)
 

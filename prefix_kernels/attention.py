@@ -10,6 +10,10 @@ Each backend is a module with three functions:
 its kernels (Triton's interpreter, `TRITON_INTERPRET=1`: thousands of times slower than the reference backend); an
 explicit backend that cannot serve raises `ValueError` with the reason, and an explicit `"triton"` still runs the
 interpreter. `PREFIX_KERNELS_BACKEND` overrides the `backend` argument.
+
+`local_rows_attention` is the same dispatch for an internal mode (`AttentionArgs.local_rows_only`): the local rows
+alone, for the patched HF module that computes the global rows from the hidden states (`patching.py`); a backend
+that cannot serve it says so in `cannot_serve`.
 """
 
 from __future__ import annotations
@@ -160,6 +164,49 @@ def longformer_attention(
         softmax_scale=softmax_scale,
         dropout_p=dropout_p,
     )
-    name = select_backend(args, backend)
-    module, _ = _load(name)
+    return _dispatch(args, backend)
+
+
+def _dispatch(args: AttentionArgs, backend: str) -> torch.Tensor:
+    module, _ = _load(select_backend(args, backend))
     return module.attention(args)
+
+
+def local_rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    is_global: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The local rows of `longformer_attention` alone (internal: the patched HF module computes the global rows
+    itself, from the hidden states, see `patching.py`).
+
+    Same arguments as `longformer_attention` without the global projections. Global tokens (`is_global`) are still
+    the global keys of every local query, through the local `k, v`; the global rows themselves are not computed:
+    their output rows are 0 and no gradient flows through them (as for padding rows).
+
+    Returns:
+        `(B, N, H, D)` in `q.dtype`; global, padding and key-less rows are 0.
+    """
+    args = check_inputs(
+        q,
+        k,
+        v,
+        window=window,
+        is_global=is_global,
+        key_padding_mask=key_padding_mask,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        local_rows_only=True,
+    )
+    return _dispatch(args, backend)

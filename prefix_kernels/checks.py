@@ -6,7 +6,9 @@
   (padding wins), so backends may rely on `is_global & key_padding_mask` being all false.
 * `prefix_k` / `prefix_v` are `(B, P, H, D)` (a `(P, H, D)` prefix is expanded, differentiably, with stride 0
   over the batch) or `None`; `P == 0` is normalized to `None`.
-* `q_global` / `k_global` / `v_global` are present whenever `is_global` is.
+* `q_global` / `k_global` / `v_global` are present whenever `is_global` is, except with `local_rows_only=True`
+  (`local_rows_attention`): then they are `None`, `is_global` is kept as given (its tokens are still global keys
+  of the local rows), and the global rows are not computed (output 0, no gradient through them).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class AttentionArgs:
     prefix_v: torch.Tensor | None
     softmax_scale: float
     dropout_p: float
+    local_rows_only: bool = False  # global rows not computed: their output is 0 (no global projections)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -116,6 +119,7 @@ def check_inputs(
     prefix_v=None,
     softmax_scale=None,
     dropout_p=0.0,
+    local_rows_only=False,
 ) -> AttentionArgs:
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -139,15 +143,20 @@ def check_inputs(
     if glob is not None and pad is not None:
         glob = _global_without_padding(glob, pad)
 
+    if not isinstance(local_rows_only, bool):
+        raise ValueError(f"local_rows_only must be a bool, got {local_rows_only!r}")
     projections = {"q_global": q_global, "k_global": k_global, "v_global": v_global}
     given = [name for name, t in projections.items() if t is not None]
+    if local_rows_only and given:
+        raise ValueError(f"{', '.join(given)} must be None with local_rows_only=True: the global rows are not "
+                         "computed, global tokens enter the local rows through k and v")
     if given and len(given) != 3:
         missing = [name for name, t in projections.items() if t is None]
         raise ValueError(f"{', '.join(missing)} missing: q_global, k_global and v_global go together")
     for name, t in projections.items():
         if t is not None:
             _check_tensor(name, t, (b, n, h, d), q)
-    if glob is not None and not given:
+    if glob is not None and not given and not local_rows_only:
         # Only this error path pays for a host sync; with projections present nothing is read back.
         if bool(glob.any()):
             raise ValueError("q_global, k_global and v_global are required when any token is_global")
@@ -201,4 +210,5 @@ def check_inputs(
         prefix_v=prefix_v,
         softmax_scale=float(softmax_scale),
         dropout_p=float(dropout_p),
+        local_rows_only=local_rows_only and glob is not None,
     )

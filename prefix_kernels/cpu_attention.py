@@ -16,7 +16,8 @@ the output and one group's workspace; autograd keeps only what the custom op sav
 
 Global rows: per batch row, the `G` global queries against all `N` keys (+ prefix) with the global projections,
 batched over the heads, scattered into the output; in the backward the key gradients (outer products over the
-`G` slots) are written straight into their `(B, N, H, D)` outputs.
+`G` slots) are written straight into their `(B, N, H, D)` outputs. Without the global projections (a global index
+but `q_global = None`: local rows only) the global rows are skipped and stay 0, like padding rows.
 
 Masking uses a large finite negative (`finfo.min / 4`, so two of them still add up to a finite number), never
 `-inf`: a row whose every column is masked then gets a finite softmax instead of NaN. Such rows, and every row
@@ -436,7 +437,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     with torch.autocast("cpu", enabled=False):
         q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
             _cast(t, cdt) for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
-        g = max_global if q_global is not None else 0
+        g = max_global if global_idx is not None else 0
         plan = _plan(q, window, g, 0 if prefix_k is None else prefix_k.shape[1])
         masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -447,7 +448,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
         _local_rows_forward(plan, masks, q, ks, vs, scale, drop, inv_keep, out)
         if masks.dead is not None:
             out.masked_fill_(masks.dead[:, :, None, None], 0.0)
-        if g:
+        if g and q_global is not None:  # without the global projections the global rows stay 0 (local rows only)
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
             gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
                               global_count)
@@ -469,7 +470,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     with torch.autocast("cpu", enabled=False):
         grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
             _cast(t, cdt) for t in (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
-        g = max_global if q_global is not None else 0
+        g = max_global if global_idx is not None else 0
         p = prefix_k.shape[1] if has_prefix else 0
         plan = _plan(q, window, g, p)
         masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
@@ -497,7 +498,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
             dk.index_put_(rows, grads["dk_shared"][:, :, :g].transpose(1, 2), accumulate=True)
             dv.index_put_(rows, grads["dv_shared"][:, :, :g].transpose(1, 2), accumulate=True)
         dq_g = dk_g = dv_g = None
-        if g:
+        if g and q_global is not None:
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
             gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
                               global_count)

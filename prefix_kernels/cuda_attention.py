@@ -112,6 +112,10 @@ def unavailable_reason() -> str | None:
 
 def cannot_serve(args: AttentionArgs) -> str | None:
     # properties of the call first (testable without a GPU), then the device
+    if args.local_rows_only:
+        # The library's launchers take the global index only together with the global projections (without them
+        # the global tokens would be treated as band keys).
+        return "local rows only (global tokens without global projections) is not implemented in the CUDA library"
     if args.dtype not in _DTYPE_CODES:
         return f"dtype {args.dtype} not supported (float16, bfloat16, float32)"
     d = args.shape[3]

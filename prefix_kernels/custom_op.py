@@ -19,6 +19,11 @@ backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, ke
 
 * `q, k, v, q_global, k_global, v_global`: `(B, N, H, D)`, one dtype; the `*_global` ones are `None` when no token
   is global (then `global_idx`, `global_count` are `None` and `max_global == 0`).
+* Local rows only (`attention.local_rows_attention`): `q_global = k_global = v_global = None` while `global_idx`,
+  `global_count` are given (`max_global > 0`). The global tokens are then still the global keys of every local
+  row (through `k, v`, with their dK/dV), but the global rows are not computed: their `out` rows are 0, they give
+  no gradient to any input whatever `grad_out` holds there, and `backward` returns `None` for the three global
+  projections. A backend whose launchers cannot serve this says so in `cannot_serve` (`args.local_rows_only`).
 * `prefix_k, prefix_v`: `(B, P, H, D)`, possibly with batch stride 0, or `None`.
 * `key_padding_mask`: `(B, N)` bool (True = padding) or `None`; a padding token is never global.
 * `global_idx`: `(B, max_global)` int32 contiguous, each row's global positions in increasing order; entries at

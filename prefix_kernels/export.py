@@ -43,6 +43,8 @@ def static_attention(a: AttentionArgs) -> torch.Tensor:
     Same semantics as `reference.chunked_attention` (padding rows 0, rows with no admissible key 0 and never NaN,
     prefix keys seen by every query, dropout on the probabilities); `O(B * H * N * (N + P))` memory.
     """
+    if a.local_rows_only:
+        raise ValueError("static_attention computes the global rows too: local_rows_only is not supported")
     cdt = torch.float64 if a.dtype == torch.float64 else torch.float32
     b, n, h, d = a.shape
     dev = a.q.device

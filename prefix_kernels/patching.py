@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .attention import BACKEND_ORDER, longformer_attention, select_backend
+from .attention import BACKEND_ORDER, local_rows_attention, longformer_attention, select_backend
 from .checks import _global_without_padding, check_inputs
 from .custom_op import global_index
 from .export import is_exporting, static_attention
+from .reference import masked_softmax
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
 
@@ -138,6 +139,11 @@ def fused_self_attention(
 
     Returns:
         `(B, N, C)` in the dtype of the projections.
+
+    With global tokens, run eagerly (not traced by `torch.compile` or an exporter), at most `D / 2` global tokens
+    in a batch row and `key_global`, `value_global` plain `nn.Linear` layers, the global rows are computed from the
+    hidden states by `_global_rows_from_hidden` and the op computes the local rows only: `key_global` and
+    `value_global` never project the whole sequence.
     """
     b, n, c = hidden_states.shape
     h, d = module.num_heads, module.head_dim
@@ -152,30 +158,44 @@ def fused_self_attention(
         return linear(hidden_states).view(b, n, h, d)
 
     q, k, v = heads(module.query), heads(module.key), heads(module.value)
-    qg = kg = vg = None
-    glob = None
-    if is_global_attn and is_index_global_attn is not None:
-        qg = _global_rows_projection(module.query_global, hidden_states, is_index_global_attn, is_index_masked)
-        qg = qg.view(b, n, h, d)
-        kg, vg = heads(module.key_global), heads(module.value_global)
-        glob = is_index_global_attn
+    glob = is_index_global_attn if is_global_attn else None
     prefix_k = prefix_v = None
     prefix = getattr(module, "_prefix_kernels_prefix", None)
     if prefix is not None:
         prefix_k, prefix_v = prefix.key_values(q)
     kwargs = dict(
         window=int(module.one_sided_attn_window_size),
-        is_global=glob,
         key_padding_mask=is_index_masked,
-        q_global=qg,
-        k_global=kg,
-        v_global=vg,
         prefix_k=prefix_k,
         prefix_v=prefix_v,
         softmax_scale=d**-0.5,
         dropout_p=float(module.dropout) if module.training else 0.0,
     )
     backend = getattr(module, "_prefix_kernels_backend", "auto")
+    index = None
+    if glob is not None and not output_attentions and not (torch.compiler.is_compiling() or is_exporting()):
+        # The op's own compact index (same combined mask, same cache): one host read per forward pass for the
+        # whole model.
+        index = global_index(glob if is_index_masked is None else _global_without_padding(glob, is_index_masked))
+        if not (_global_rows_from_hidden_pays(index[2], d) and _plain_linear(module.key_global)
+                and _plain_linear(module.value_global)):
+            index = None
+    if index is not None:
+        idx, counts, g = index
+        out = local_rows_attention(q, k, v, is_global=glob if g else None, **kwargs, backend=backend)
+        if g:
+            rows = _global_rows_from_hidden(module, hidden_states, idx, counts, is_index_masked, prefix_k, prefix_v,
+                                            kwargs["softmax_scale"], kwargs["dropout_p"])
+            # The op left the global rows 0; entries past a row's count add exact zeros to distinct local rows.
+            out = out.scatter_add(1, idx.long()[:, :, None, None].expand(b, g, h, d), rows.to(out.dtype))
+        return _scale_heads(out, layer_head_mask).reshape(b, n, c)
+
+    qg = kg = vg = None
+    if glob is not None:
+        qg = _global_rows_projection(module.query_global, hidden_states, glob, is_index_masked)
+        qg = qg.view(b, n, h, d)
+        kg, vg = heads(module.key_global), heads(module.value_global)
+    kwargs.update(is_global=glob, q_global=qg, k_global=kg, v_global=vg)
     if is_exporting():
         # An exported graph carries no custom op and no data-dependent shape: the static formulation.
         out = static_attention(check_inputs(q, k, v, **kwargs))
@@ -183,10 +203,77 @@ def fused_self_attention(
         out = _reference_outside_the_graph(q, k, v, **kwargs, backend=backend)
     else:
         out = longformer_attention(q, k, v, **kwargs, backend=backend)
-    if layer_head_mask is not None:
-        # HF multiplies both probability matrices by the head's weight, which scales that head's output.
-        out = out * layer_head_mask.to(out.dtype).view(1, 1, h, 1)
-    return out.reshape(b, n, c)
+    return _scale_heads(out, layer_head_mask).reshape(b, n, c)
+
+
+def _scale_heads(out: torch.Tensor, layer_head_mask: torch.Tensor | None) -> torch.Tensor:
+    """`out (B, N, H, D)` times `layer_head_mask (H,)` per head: HF multiplies both probability matrices by the
+    head's weight, which scales that head's output rows, local and global."""
+    if layer_head_mask is None:
+        return out
+    return out * layer_head_mask.to(out.dtype).view(1, 1, -1, 1)
+
+
+def _plain_linear(linear: nn.Module) -> bool:
+    """Whether `linear` computes exactly `x @ weight.T + bias` from its own two parameters: an `nn.Linear` (not a
+    subclass or a wrapper: LoRA adapters, quantized layers) with no forward hooks, so that its weight and bias may
+    be used without calling it."""
+    return type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+
+
+def _global_rows_from_hidden_pays(max_global: int, head_dim: int) -> bool:
+    """Whether `_global_rows_from_hidden` replaces the `key_global` / `value_global` projections: when the most
+    global tokens of a batch row, `G`, are at most `D / 2`. Both its costs scale as `G / D` of what it replaces:
+    FLOPs (`2 * B*H*G*N*C` per product against `2 * B*N*C*C` per projection, forward and backward) and the
+    activations autograd keeps (about two fp32 `(B, G, H, N)` probability tensors against the two `(B, N, C)`
+    projections). At `G <= D / 2` it takes at most half the FLOPs, and no more saved memory than the projections
+    even in 16-bit (in fp32, half); beyond that the projections and the fused global rows win."""
+    return 2 * max_global <= head_dim
+
+
+def _global_rows_from_hidden(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                             pad: torch.Tensor | None, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                             scale: float, dropout_p: float) -> torch.Tensor:
+    """The global rows `(B, G, H, D)` (compact order of `idx (B, G)`; slots past `counts (B,)` exactly 0) from the
+    hidden states `x (B, N, C)`, without projecting `x` by `key_global` / `value_global`.
+
+    Per head `h`, with `Wk_h`, `bk_h` its `D` rows of `key_global` (the same for value) and `qg` the query_global
+    rows: `qg_i . kg_j = (Wk_h^T qg_i) . x_j + qg_i . bk_h`, and `sum_j p_ij vg_j = Wv_h (sum_j p_ij x_j) +
+    bv_h sum_j p_ij` (sums over the text keys, after dropout). So each global query is one width-`C` query per head
+    against `x`; the prefix keys/values `(P, H, D)` enter as in the op. One softmax per row (fp32, padding keys
+    masked), dropout `dropout_p`, as `reference.py` states the global rows. Every weight gets its gradient from
+    autograd through these products.
+    """
+    b, n, c = x.shape
+    h, d = module.num_heads, module.head_dim
+    g = idx.shape[1]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg = x.gather(1, idx.long()[:, :, None].expand(b, g, c))
+    qg = module.query_global(xg).view(b, g, h, d)
+    key, value = module.key_global, module.value_global
+    qx = torch.einsum("bghd,hdc->bghc", qg, key.weight.view(h, d, c))
+    # x untransposed in the product: its gradient comes out contiguous (a transposed one costs a strided
+    # accumulation into the gradient of x, slow in bf16).
+    scores = torch.bmm(x, qx.reshape(b, g * h, c).transpose(1, 2)).transpose(1, 2).view(b, g, h, n)
+    if key.bias is not None:
+        scores = scores + (qg * key.bias.view(h, d)).sum(-1, keepdim=True)
+    allowed = (torch.arange(g, device=x.device) < counts[:, None])[:, :, None, None]  # (B, G, 1, 1): used slots
+    key_ok = allowed if pad is None else allowed & ~pad[:, None, None, :]
+    if prefix_k is not None:
+        scores = torch.cat([scores, torch.einsum("bghd,phd->bghp", qg, prefix_k)], dim=-1)
+        key_ok = torch.cat([key_ok.expand(b, g, 1, n), allowed.expand(b, g, 1, prefix_k.shape[0])], dim=-1)
+    probs = masked_softmax(scores.to(cdt) * scale, key_ok)
+    if dropout_p > 0:
+        probs = nn.functional.dropout(probs, dropout_p, training=True)
+    probs = probs.to(x.dtype)
+    text = probs[..., :n]
+    context = torch.bmm(text.reshape(b, g * h, n), x).view(b, g, h, c)
+    out = torch.einsum("bghc,hdc->bghd", context, value.weight.view(h, d, c))
+    if value.bias is not None:
+        out = out + text.sum(-1, keepdim=True) * value.bias.view(h, d)
+    if prefix_v is not None:
+        out = out + torch.einsum("bghp,phd->bghd", probs[..., n:], prefix_v)
+    return out
 
 
 @torch.compiler.disable

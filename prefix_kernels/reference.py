@@ -14,6 +14,8 @@ wins), one-sided window `w`, prefix keys/values `0..P-1` (prefix-tuning), `s = s
     U prefix keys  {p : 0 <= p < P}                                scores s * qg_i . prefix_k_p
 * dropout `p` on both probability matrices (kept entries scaled by 1 / (1 - p)).
 * a row whose key set is empty outputs 0 (never NaN), with zero gradients.
+* local rows only (`local_rows_attention`, `args.local_rows_only`): global queries output 0, with zero gradients;
+  global tokens stay the global keys of the local rows.
 
 The mask for N = 10, w = 2, glob = {0, 6}, pad = {9}, P = 0 (`#` band key, `G` global key, `.` not attended;
 rows 0 and 6 are global queries and see every non-padding key through the global projections; row 9 is
@@ -112,10 +114,13 @@ def _global_rows(a: AttentionArgs, cdt: torch.dtype, idx: torch.Tensor, valid: t
 
 
 def _combine(a: AttentionArgs, out_local: torch.Tensor, out_global: torch.Tensor | None) -> torch.Tensor:
-    """Global rows take the global result, padding rows 0; back to `(B, N, H, D)` in the input dtype."""
+    """Global rows take the global result (0 with `local_rows_only`), padding rows 0; back to `(B, N, H, D)` in the
+    input dtype."""
     out = out_local
     if out_global is not None:
         out = torch.where(a.is_global[:, None, :, None], out_global, out)
+    elif a.local_rows_only:
+        out = out.masked_fill(a.is_global[:, None, :, None], 0.0)
     if a.key_padding_mask is not None:
         out = out.masked_fill(a.key_padding_mask[:, None, :, None], 0.0)
     return out.transpose(1, 2).to(a.q.dtype)
@@ -169,7 +174,7 @@ def chunked_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tenso
         probs = _dropout(masked_softmax(scores, allowed), a.dropout_p)
         outs.append(torch.matmul(probs, torch.cat(parts_v, dim=2)))
     out_local = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, d)
-    out_global = _global_rows(a, cdt, idx, valid) if idx is not None else None
+    out_global = _global_rows(a, cdt, idx, valid) if idx is not None and not a.local_rows_only else None
     return _combine(a, out_local, out_global)
 
 
@@ -202,7 +207,9 @@ def dense_attention(q, k, v, *, window, **kwargs) -> torch.Tensor:
         return torch.matmul(probs, vv)
 
     out_local = branch(a.q, a.k, a.v, local_allowed)
-    out_global = branch(a.q_global, a.k_global, a.v_global, global_allowed) if a.is_global is not None else None
+    out_global = None
+    if a.is_global is not None and not a.local_rows_only:
+        out_global = branch(a.q_global, a.k_global, a.v_global, global_allowed)
     return _combine(a, out_local, out_global)
 
 

@@ -24,9 +24,12 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   mask. Whether a tile holds such a column is looked up in `SPECIAL` only by programs whose band holds one (one
   check per program). One software-pipelined loop walks all band tiles of a program; when `N` is a multiple of
   the tile, its loads carry no predicate.
-* Global rows are computed twice in the forward: the local-row tiles write them (cheaper than branching), then
-  `_global_rows_merge_kernel` overwrites `O` and `LSE` of those rows with the global-branch result, whose key splits
-  ran as extra programs of the same grid as the local-row tiles.
+* Global rows are computed twice in the forward: the local-row tiles compute them too (cheaper than branching)
+  but store 0 and `LSE = +inf` there, as for padding rows; `_global_rows_merge_kernel` then writes `O` and `LSE` of
+  those rows from the global branch, whose key splits ran as extra programs of the same grid as the local-row
+  tiles. Without the global projections (`q_global = None` with a global index: local rows only, `GLOBAL_ROWS`
+  off) no global-row program runs, in the forward or the backward: those rows stay 0 and take no gradient, while
+  the global tokens remain the global keys of the local rows (`HAS_GLOBAL`), with their dK/dV.
 * Dropout: Philox-4x32-10 keyed by `seed`, counter `(j // 4, i, b * H + h, 0)`, output word `j % 4`, for query `i`
   and key position `j` (prefix key `p` is at `N` rounded up to a multiple of 4, plus `p`): one Philox call serves
   four consecutive keys of a tile, and no counter repeats below 2**32 rows. A row is local or global, never both,
@@ -279,8 +282,8 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
                     HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """A tile of `BLOCK_M` query rows: its band key tiles, then its row's global keys, then the prefix, in one
-    online softmax. Writes `O` and `LSE` of the tile. `EVEN_N`: `N` is a multiple of `BLOCK_N`, so no band tile
-    reaches past the sequence."""
+    online softmax. Writes `O` and `LSE` of the tile (0 and `+inf` on rows that are not local queries). `EVEN_N`:
+    `N` is a multiple of `BLOCK_N`, so no band tile reaches past the sequence."""
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -340,7 +343,8 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
 
     live = l_i > 0
     if HAS_KIND:
-        live = live & (tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD) != KIND_PAD)
+        # Global rows too: their result is the global branch's (merged later), or 0 with local rows only.
+        live = live & (tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD) == KIND_LOCAL)
     l_safe = tl.where(live, l_i, 1.0)
     out = tl.where(live[:, None], acc * (inv_keep / l_safe)[:, None], 0.0)
     _store_rows(O + b * sob + h * soh, rows, son, row_ok, out.to(O.dtype.element_ty), HEAD_DIM=HEAD_DIM,
@@ -393,13 +397,15 @@ def _attention_fwd_kernel(
     seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_N: tl.constexpr, HAS_KIND: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Grid `(n_global_progs + cdiv(N, BLOCK_M), B * H)`. The first `n_global_progs` programs of a batch-head are
     the global rows' key splits (`n_parts` splits x the blocks of `BLOCK_G` global queries; they walk the most
-    keys, so they start first and overlap the band work); the others are local-row tiles."""
+    keys, so they start first and overlap the band work); the others are local-row tiles. `HAS_GLOBAL`: global
+    tokens exist (global keys of the local rows); `GLOBAL_ROWS`: their rows are computed (`n_global_progs > 0`)."""
     pid, bh, b, h = _program(H)
-    if HAS_GLOBAL:
+    if GLOBAL_ROWS:
         if pid < n_global_progs:
             _global_rows_fwd_split(
                 pid % n_parts, pid // n_parts, bh, b, h, QG, KG, VG, PK, PV, KIND, GIDX, GCNT, PART_O, PART_L,
@@ -452,10 +458,10 @@ def _global_rows_merge_kernel(
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, LSE, KIND, DELTA, LSE_LOCAL, DQ_ACC, DQG_ACC, sob, son, soh, sdb, sdn, sdh,
                            N, H, n_pad, g_pad, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_M: tl.constexpr, HAS_KIND: tl.constexpr, HAS_GLOBAL: tl.constexpr):
+                           BLOCK_M: tl.constexpr, HAS_KIND: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
     """Grid `(n_pad / BLOCK_M, B * H)`: `DELTA = sum_d dO * O` (fp32); `LSE_LOCAL`, the LSE of local rows and
     `+inf` on global and padding rows (so the local-row backward needs no row kinds); zeroes this tile's rows of
-    the fp32 accumulators `DQ_ACC` and `DQG_ACC`."""
+    the fp32 accumulators `DQ_ACC` and (with `GLOBAL_ROWS`) `DQG_ACC`."""
     pid_m, bh, b, h = _program(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -470,7 +476,7 @@ def _bwd_preprocess_kernel(O, DO, LSE, KIND, DELTA, LSE_LOCAL, DQ_ACC, DQG_ACC, 
     zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     _store_rows(DQ_ACC + bh.to(tl.int64) * n_pad * BLOCK_D, rows, BLOCK_D, rows < n_pad, zeros, HEAD_DIM=BLOCK_D,
                 BLOCK_D=BLOCK_D)
-    if HAS_GLOBAL:
+    if GLOBAL_ROWS:
         _store_rows(DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D, rows, BLOCK_D, rows < g_pad, zeros,
                     HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
 
@@ -719,14 +725,15 @@ def _attention_bwd_kernel(
     n_global_progs, n_shared_progs, qk_scale, scale, dropout_p, inv_keep, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, SINGLE_G: tl.constexpr,
-    HAS_KIND: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KIND: tl.constexpr, HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Grid `(n_global_progs + n_shared_progs + cdiv(N, BLOCK_N), B * H)`, the whole backward in one pass. Per
-    batch-head, in launch order (the longest first): the global rows' key splits (`_global_rows_bwd_split`), the
-    shared-key query chunks (`_shared_keys_bwd`), then one program per band key tile (`_band_keys_bwd`)."""
+    batch-head, in launch order (the longest first): the global rows' key splits (`_global_rows_bwd_split`, with
+    `GLOBAL_ROWS` only), the shared-key query chunks (`_shared_keys_bwd`), then one program per band key tile
+    (`_band_keys_bwd`)."""
     pid, bh, b, h = _program(H)
-    if HAS_GLOBAL:
+    if GLOBAL_ROWS:
         # Two instances: the k_global splits, then (with a prefix) the prefix split.
         for to_prefix in tl.static_range(1 + HAS_PREFIX):
             mine = pid < num_splits
@@ -778,11 +785,12 @@ def _bwd_finalize_kernel(
     sdqb, sdqn, sdqh, sdqgb, sdqgn, sdqgh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, sdpkb, sdpkn, sdpkh, sdpvb, sdpvn,
     sdpvh, N, H, P, n_pad, gidx_stride, g_pad, num_chunks, n_prefix_slots, n_row_tiles, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr, HAS_PREFIX: tl.constexpr,
 ):
-    """Grid `(n_row_tiles + 2, B * H)`. Row tiles: `dQ = scale * DQ_ACC` and `dQ_global` (`scale * DQG_ACC` on
-    global rows, 0 elsewhere) in the input dtype. The last two programs sum the shared keys' partials: `dK, dV` of
-    the global keys (overwriting the zeros the band programs wrote there), then the prefix gradients."""
+    """Grid `(n_row_tiles + 2, B * H)`. Row tiles: `dQ = scale * DQ_ACC` and, with `GLOBAL_ROWS`, `dQ_global`
+    (`scale * DQG_ACC` on global rows, 0 elsewhere) in the input dtype. The last two programs sum the shared keys'
+    partials: `dK, dV` of the global keys (overwriting the zeros the band programs wrote there), then the prefix
+    gradients."""
     pid, bh, b, h = _program(H)
     if pid < n_row_tiles:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -791,7 +799,7 @@ def _bwd_finalize_kernel(
                         BLOCK_D=BLOCK_D)
         _store_rows(DQ + b * sdqb + h * sdqh, rows, sdqn, row_ok, (dq * scale).to(DQ.dtype.element_ty),
                     HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        if HAS_GLOBAL:
+        if GLOBAL_ROWS:
             slot = tl.load(SLOT + b * N + rows, mask=row_ok, other=-1)
             dqg = _load_rows(DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D, slot, BLOCK_D, slot >= 0,
                              HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
@@ -965,10 +973,12 @@ class _Launch:
     """What both launchers derive from the inputs: shapes, flags, tile configuration, token tables, and the
     placeholders that stand for absent tensors."""
 
-    def __init__(self, q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global):
+    def __init__(self, q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
+                 global_rows):
         self.b, self.n, self.h, self.d = q.shape
         self.device = q.device
         self.has_global = has_global
+        self.global_rows = global_rows
         self.has_prefix = prefix_k is not None
         self.p = prefix_k.shape[1] if self.has_prefix else 0
         self.dot_prec = _dot_precision(q.dtype)
@@ -983,8 +993,8 @@ class _Launch:
         self.gstride = global_idx.stride(0) if has_global else 0
         self.g_pad = triton.cdiv(max_global, self.cfg["BLOCK_G"]) * self.cfg["BLOCK_G"] if has_global else 0
         self.flags = dict(HEAD_DIM=self.d, BLOCK_D=self.cfg["BLOCK_D"], HAS_KIND=self.tables is not None,
-                          HAS_GLOBAL=has_global, HAS_PREFIX=self.has_prefix, HAS_DROPOUT=dropout_p > 0,
-                          DOT_PREC=self.dot_prec)
+                          HAS_GLOBAL=has_global, GLOBAL_ROWS=global_rows, HAS_PREFIX=self.has_prefix,
+                          HAS_DROPOUT=dropout_p > 0, DOT_PREC=self.dot_prec)
 
     def or_dummy(self, t):
         return self.dummy if t is None else t
@@ -999,7 +1009,9 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = map(
         _unit_d, (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
     has_global = global_idx is not None and max_global > 0
-    L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global)
+    global_rows = has_global and q_global is not None  # else local rows only: global rows stay 0
+    L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
+                global_rows)
     b, n, h, d, cfg = L.b, L.n, L.h, L.d, L.cfg
     out = _empty_out((b, n, h, d), q.dtype, L.device)
     lse = _empty_out((b, h, n), torch.float32, L.device)
@@ -1009,7 +1021,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     n_parts = num_splits + int(L.has_prefix)
     part_o = part_l = L.dummy
     n_global_progs = 0
-    if has_global:
+    if global_rows:
         part_o = L.scratch(b * h, L.g_pad, n_parts, d)
         part_l = L.scratch(b * h, L.g_pad, n_parts)
         n_global_progs = n_parts * (L.g_pad // cfg["BLOCK_G"])
@@ -1022,7 +1034,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
         dropout_p, 1.0 / (1.0 - dropout_p), seed,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["num_stages"],
         EVEN_N=n % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **L.flags)
-    if has_global:
+    if global_rows:
         _global_rows_merge_kernel[(max_global, b * h)](
             part_o, part_l, L.gidx, L.gcnt, out, lse, *_strides(out), n, h, L.gstride, L.g_pad, n_parts,
             HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(n_parts)))
@@ -1034,8 +1046,10 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
     grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out = map(
         _unit_d, (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out))
-    has_global = global_idx is not None and max_global > 0 and q_global is not None
-    L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global)
+    has_global = global_idx is not None and max_global > 0
+    global_rows = has_global and q_global is not None  # else local rows only: no gradient through global rows
+    L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
+                global_rows)
     b, n, h, d, p, cfg = L.b, L.n, L.h, L.d, L.p, L.cfg
     dq, dk, dv = (_empty_out((b, n, h, d), q.dtype, L.device) for _ in range(3))
     dq_g = dk_g = dv_g = dpk = dpv = None
@@ -1056,21 +1070,21 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     delta = L.scratch(b, h, n)
     lse_local = L.scratch(b, h, n)
     dq_acc = L.scratch(b * h, n_pad, bd)
-    dqg_acc = L.scratch(b * h, L.g_pad, bd) if has_global else L.dummy
+    dqg_acc = L.scratch(b * h, L.g_pad, bd) if global_rows else L.dummy
     _bwd_preprocess_kernel[(n_pad // pre_m, b * h)](
         out, grad_out, lse, L.kind, delta, lse_local, dq_acc, dqg_acc, *_strides(out), *_strides(grad_out),
         n, h, n_pad, L.g_pad, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_m, HAS_KIND=L.tables is not None,
-        HAS_GLOBAL=has_global)
+        GLOBAL_ROWS=global_rows)
 
     num_chunks = triton.cdiv(n, cfg["Q_CHUNK"])
     num_splits = triton.cdiv(n, cfg["CHUNK"])
-    n_prefix_slots = num_chunks + int(has_global)  # the global rows' share of the prefix gradient is the last slot
+    n_prefix_slots = num_chunks + int(global_rows)  # the global rows' share of the prefix gradient is the last slot
     gpart_k = gpart_v = ppart_k = ppart_v = L.dummy
     if has_global:
         gpart_k, gpart_v = L.scratch(b * h, num_chunks, L.gstride, bd), L.scratch(b * h, num_chunks, L.gstride, bd)
     if L.has_prefix:
         ppart_k, ppart_v = L.scratch(b * h, n_prefix_slots, p, bd), L.scratch(b * h, n_prefix_slots, p, bd)
-    n_global_progs = num_splits + int(L.has_prefix) if has_global else 0
+    n_global_progs = num_splits + int(L.has_prefix) if global_rows else 0
     n_shared_progs = num_chunks if has_global or L.has_prefix else 0
     _attention_bwd_kernel[(n_global_progs + n_shared_progs + triton.cdiv(n, cfg["BWD_N"]), b * h)](
         q, k, v, L.or_dummy(q_global), L.or_dummy(k_global), L.or_dummy(v_global), L.or_dummy(prefix_k),
@@ -1092,7 +1106,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         L.or_dummy(dpk), L.or_dummy(dpv), *_strides(dq), *_strides(dq_g), *_strides(dk), *_strides(dv),
         *_strides(dpk), *_strides(dpv), n, h, p, n_pad, L.gstride, L.g_pad, num_chunks, n_prefix_slots,
         n_row_tiles, scale, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=fin_m, BLOCK_G=cfg["BLOCK_G"], HAS_GLOBAL=has_global,
-        HAS_PREFIX=L.has_prefix)
+        GLOBAL_ROWS=global_rows, HAS_PREFIX=L.has_prefix)
     return dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv
 
 

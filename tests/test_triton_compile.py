@@ -48,7 +48,10 @@ def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout, fp32_p
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
     lengths = [int(n) for n in seq_len.split(",")]
-    assert sorted((row["kernel"], row["n"]) for row in rows) == sorted((k, n) for k in KERNELS for n in lengths)
+    # Every kernel with the global projections; without them (local rows only) every kernel but the merge.
+    local_kernels = KERNELS - {"_global_rows_merge_kernel"}
+    assert sorted((row["kernel"], row["n"], row["local"]) for row in rows) == sorted(
+        [(k, n, False) for k in KERNELS for n in lengths] + [(k, n, True) for k in local_kernels for n in lengths])
     for row in rows:
         tf32 = "-tf32" if dtype == "float32" and fp32_precision != "highest" else ""
         assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype + tf32, head_dim)
@@ -59,13 +62,17 @@ def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout, fp32_p
         for loop in row["loops"]:
             assert 0 < loop["interior"] <= loop["edge"], (row["kernel"], loop)
     # Every tile loop of the main kernels was found in the SASS and named after its Python loop.
-    by_kernel = {(row["kernel"], row["n"]): {lp["loop"].split(" ")[0] for lp in row["loops"]} for row in rows}
+    by_kernel = {(row["kernel"], row["n"], row["local"]): {lp["loop"].split(" ")[0] for lp in row["loops"]}
+                 for row in rows}
     for n in lengths:
-        assert "_local_rows_fwd:" in " ".join(by_kernel[("_attention_fwd_kernel", n)]), by_kernel
-        assert "_band_keys_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n)]), by_kernel
+        for local in (False, True):
+            assert "_local_rows_fwd:" in " ".join(by_kernel[("_attention_fwd_kernel", n, local)]), by_kernel
+            assert "_band_keys_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
     if (arch, dtype, head_dim, dropout) == (90, "bfloat16", 64, 0.0):
-        full = next(row for row in rows if row["kernel"] == "_attention_fwd_kernel" and row["n"] % 64 == 0)
-        band = next(lp for lp in full["loops"]
-                    if lp["loop"].startswith("_local_rows_fwd:") and "tl.range" in lp["code"])
-        assert band["interior"] <= FORWARD_INTERIOR_BUDGET, band
-        assert band["edge"] > band["interior"]  # the mask is built on edge tiles only
+        for local in (False, True):
+            full = next(row for row in rows
+                        if row["kernel"] == "_attention_fwd_kernel" and row["n"] % 64 == 0 and row["local"] == local)
+            band = next(lp for lp in full["loops"]
+                        if lp["loop"].startswith("_local_rows_fwd:") and "tl.range" in lp["code"])
+            assert band["interior"] <= FORWARD_INTERIOR_BUDGET, band
+            assert band["edge"] > band["interior"]  # the mask is built on edge tiles only
