@@ -1,20 +1,43 @@
-"""Shared test helpers: random inputs for `longformer_attention` and the HF-style float mask.
+"""Fixtures, and Triton's CPU interpreter on machines without CUDA.
 
 On a machine without CUDA the Triton kernels run in Triton's CPU interpreter: `TRITON_INTERPRET` must be set
 before `triton` is first imported (`@triton.jit` reads it at decoration time), so it is set here, before any test
-module imports `prefix_kernels`. On a CUDA machine nothing changes (the GPU tests compile for real);
-`torch.cuda.is_available()` does not initialize the device.
+module imports `prefix_kernels`. On a CUDA machine nothing changes (the Triton kernels compile for the GPU);
+`torch.cuda.is_available()` does not initialize the device. What the tests share lives in `helpers.py`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `helpers`, `tiny_models`, `dropout_masks` under any --import-mode (the default one adds this directory itself).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every fused backend NaN-fills its outputs and gradients before writing them, so anything never written
+    fails the finiteness checks."""
+    monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
+
+
+@pytest.fixture(params=["cpu", "cuda"], ids=["cpu-interpreter", "cuda"])
+def triton_device(request):
+    """The device of the Triton backend's tensors: CPU tensors under the interpreter (no CUDA here), CUDA tensors
+    compiled for the GPU where there is one; the other case skips, saying why."""
+    from helpers import skip_unless_runs
+
+    skip_unless_runs("triton", request.param)
+    return request.param
 
 
 def random_masks(b: int, n: int, *, n_global=(0, 3), pad_max: int = 0, generator=None, device="cpu"):
@@ -50,7 +73,3 @@ def random_inputs(
         out["prefix_v"] = torch.randn(*shape, generator=g, dtype=torch.float64)
     return {k: t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for k, t in out.items()}
 
-
-@pytest.fixture
-def cpu_generator():
-    return torch.Generator().manual_seed(1234)
