@@ -38,38 +38,3 @@ def triton_device(request):
 
     skip_unless_runs("triton", request.param)
     return request.param
-
-
-def random_masks(b: int, n: int, *, n_global=(0, 3), pad_max: int = 0, generator=None, device="cpu"):
-    """`(is_global, key_padding_mask)` with a different number of global tokens per row (possibly none).
-
-    `n_global` is an inclusive `(lo, hi)` range per row; padding is a random tail of up to `pad_max` tokens.
-    """
-    g = generator
-    is_global = torch.zeros(b, n, dtype=torch.bool)
-    pad = torch.zeros(b, n, dtype=torch.bool)
-    for i in range(b):
-        tail = int(torch.randint(0, pad_max + 1, (1,), generator=g)) if pad_max else 0
-        tail = min(tail, n - 1)
-        if tail:
-            pad[i, n - tail :] = True
-        count = int(torch.randint(n_global[0], n_global[1] + 1, (1,), generator=g))
-        count = min(count, n - tail)
-        if count:
-            is_global[i, torch.randperm(n - tail, generator=g)[:count]] = True
-    return is_global.to(device), pad.to(device)
-
-
-def random_inputs(
-    b, n, h, d, *, prefix=0, batch_prefix=False, dtype=torch.float32, device="cpu", requires_grad=False, seed=0
-):
-    """Dict of `q, k, v, q_global, k_global, v_global` `(B, N, H, D)` and optionally `prefix_k, prefix_v`."""
-    g = torch.Generator().manual_seed(seed)
-    names = ["q", "k", "v", "q_global", "k_global", "v_global"]
-    out = {name: torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for name in names}
-    if prefix:
-        shape = (b, prefix, h, d) if batch_prefix else (prefix, h, d)
-        out["prefix_k"] = torch.randn(*shape, generator=g, dtype=torch.float64)
-        out["prefix_v"] = torch.randn(*shape, generator=g, dtype=torch.float64)
-    return {k: t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for k, t in out.items()}
-
