@@ -258,6 +258,13 @@ def skip_unless_runs(backend: str, device: str) -> None:
         pytest.skip(why)
 
 
+# `(backend, device)` of the fused kernels, for `pytest.mark.parametrize("backend,device", FUSED)`: the Triton
+# kernels on CPU tensors (its interpreter, where there is no CUDA) and on CUDA tensors (compiled), the CUDA library
+# on CUDA tensors. Tests call `skip_unless_runs(backend, device)`, so the cases that cannot run here say why.
+FUSED = (pytest.param("triton", "cpu", id="triton-cpu-interpreter"), pytest.param("triton", "cuda", id="triton-cuda"),
+         pytest.param("cuda", "cuda", id="cuda-cuda"))
+
+
 def triton_device() -> str:
     """The device whose tensors the Triton backend takes here: "cpu" under the interpreter, else "cuda"."""
     return "cpu" if triton_interpreted() else "cuda"
