@@ -30,10 +30,11 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
 
 
-@pytest.fixture(params=["cpu", "cuda"], ids=["cpu-interpreter", "cuda"])
+@pytest.fixture(params=[pytest.param("cpu", id="cpu-interpreter"),
+                        pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
 def triton_device(request):
     """The device of the Triton backend's tensors: CPU tensors under the interpreter (no CUDA here), CUDA tensors
-    compiled for the GPU where there is one; the other case skips, saying why."""
+    compiled for the GPU where there is one (marked `gpu`); the other case skips, saying why."""
     from helpers import skip_unless_runs
 
     skip_unless_runs("triton", request.param)

@@ -260,9 +260,11 @@ def skip_unless_runs(backend: str, device: str) -> None:
 
 # `(backend, device)` of the fused kernels, for `pytest.mark.parametrize("backend,device", FUSED)`: the Triton
 # kernels on CPU tensors (its interpreter, where there is no CUDA) and on CUDA tensors (compiled), the CUDA library
-# on CUDA tensors. Tests call `skip_unless_runs(backend, device)`, so the cases that cannot run here say why.
-FUSED = (pytest.param("triton", "cpu", id="triton-cpu-interpreter"), pytest.param("triton", "cuda", id="triton-cuda"),
-         pytest.param("cuda", "cuda", id="cuda-cuda"))
+# on CUDA tensors (those marked `gpu`). Tests call `skip_unless_runs(backend, device)`, so the cases that cannot
+# run here say why.
+FUSED = (pytest.param("triton", "cpu", id="triton-cpu-interpreter"),
+         pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+         pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu))
 
 
 def triton_device() -> str:

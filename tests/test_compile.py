@@ -30,7 +30,8 @@ def _fused_backends():
     params = []
     for name in ("triton", "cpu"):
         why = cannot_run(name, _device(name))
-        params.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name}: {why}")))
+        marks = [pytest.mark.skipif(why is not None, reason=f"{name}: {why}")]
+        params.append(pytest.param(name, marks=[*marks, pytest.mark.gpu] if _device(name) == "cuda" else marks))
     return params
 
 

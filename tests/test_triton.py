@@ -303,8 +303,8 @@ def test_custom_op_opcheck(triton_device):
     torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="no CUDA device")])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -371,6 +371,7 @@ def test_dispatch_under_the_interpreter():
     assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
 
 
+@pytest.mark.gpu
 def test_dispatch_on_a_gpu():
     """Compiled for the GPU, `auto` takes the Triton kernels first for CUDA tensors in fp32 and bf16; CPU tensors
     and fp64 are refused by an explicit `backend="triton"` with the reason, and `auto` passes them on."""
