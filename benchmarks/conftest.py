@@ -25,13 +25,6 @@ def pytest_configure(config):
     import torch
 
     _state["config"] = config
-    # `tests/` and `benchmarks/` are both rootless, so pytest imports each conftest.py as the module "conftest",
-    # the last one winning; `tests/` modules do `from conftest import ...`: give the name back to theirs.
-    if getattr(sys.modules.get("conftest"), "__file__", None) == __file__:
-        for plugin in config.pluginmanager.get_plugins():
-            if getattr(plugin, "__name__", None) == "conftest" and getattr(plugin, "__file__", __file__) != __file__:
-                sys.modules["conftest"] = plugin
-                break
     if not torch.cuda.is_available():
         # Shared CI runners: intra-op threads competing with other jobs turn milliseconds into seconds.
         torch.set_num_threads(int(os.environ.get("PK_BENCH_CPU_THREADS", "1")))

@@ -34,8 +34,11 @@ step main job
 
 if [[ "$what" == all || "$what" == tests ]]; then
   step GPU tests
-  PYTHONSAFEPATH=1 timeout "${PK_TEST_TIMEOUT:-300}" $py -m pytest -q -rfE -p no:cacheprovider tests/test_gpu.py tests/test_cuda_gpu.py tests/test_global_rows.py \
-    tests/test_memory.py ${PK_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  # Every test case that runs on CUDA tensors is marked `gpu` (test_gpu, test_cuda_gpu, test_memory,
+  # test_global_rows, and the CUDA cases of test_triton, test_patching, test_prefix, test_compile, test_properties);
+  # test_gpu.py first: the backend-independent suite of the public op.
+  PYTHONSAFEPATH=1 timeout "${PK_TEST_TIMEOUT:-480}" $py -m pytest -q -rfE -p no:cacheprovider -m gpu tests/test_gpu.py \
+    tests ${PK_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   echo "GPU tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -1)" >>"$summary"
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20 >>"$summary"
 fi

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_inputs
+from helpers import make_inputs
 
 import prefix_kernels as pk
 from prefix_kernels.attention import select_backend
@@ -12,7 +12,7 @@ from prefix_kernels.checks import check_inputs
 
 
 def base(b=2, n=10, h=2, d=4, **over):
-    kw = dict(random_inputs(b, n, h, d, prefix=2, seed=1), window=2)
+    kw = dict(make_inputs(b, n, h, d, seed=1, prefix=2)[0], window=2)
     kw["is_global"] = torch.zeros(b, n, dtype=torch.bool)
     kw["is_global"][:, 0] = True
     kw["key_padding_mask"] = torch.zeros(b, n, dtype=torch.bool)

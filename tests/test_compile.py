@@ -1,7 +1,7 @@
 """Whole patched models under `torch.compile(fullgraph=True)`: Longformer and LED, plain and with either prefix
-method, forward and backward, through the fused custom ops (Triton here through its interpreter, and the "cpu"
-backend where this version has it), with no recompilation when only the masks change. The oracle is the same
-model computing eagerly through the reference backend.
+method, forward and backward, through the fused custom ops (the Triton kernels through the interpreter without
+CUDA and on CUDA tensors with it; the "cpu" backend on the CPU), with no recompilation when only the masks change.
+The oracle is the same model computing eagerly through the reference backend.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from helpers import cannot_run, triton_device
 from tiny_models import batch, build, main_output, scalar_loss
 
 transformers = pytest.importorskip("transformers")
@@ -19,12 +20,18 @@ import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.patching import patch_longformer  # noqa: E402
 
 
+def _device(backend: str) -> str:
+    """Where `backend` takes its tensors here: the Triton kernels on the GPU unless interpreted, the rest on the
+    CPU."""
+    return triton_device() if backend == "triton" else "cpu"
+
+
 def _fused_backends():
-    usable = pk.available_backends()
     params = []
     for name in ("triton", "cpu"):
-        why = usable.get(name, f"this version has no {name!r} backend")
-        params.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name}: {why}")))
+        why = cannot_run(name, _device(name))
+        marks = [pytest.mark.skipif(why is not None, reason=f"{name}: {why}")]
+        params.append(pytest.param(name, marks=[*marks, pytest.mark.gpu] if _device(name) == "cuda" else marks))
     return params
 
 
@@ -49,7 +56,7 @@ def make(name: str, method: str, backend: str):
     model, or for "LEDEncoder" the encoder of an `LEDModel`, whose prefix lives on the model)."""
     led = name == "LEDEncoder"
     layers = {"encoder_layers": 1} if led else {"num_hidden_layers": 1}
-    model = build("LEDModel" if led else name, attention_window=[16], **layers)
+    model = build("LEDModel" if led else name, attention_window=[16], **layers).to(_device(backend))
     # Training mode (the tiny configs have no dropout), except for the LED encoder under transformers 4.x: in
     # training it draws a LayerDrop number and branches on it even when layerdrop is 0 (HF's graph break).
     model.train(not (led and TRANSFORMERS_4))
@@ -68,10 +75,10 @@ def reference_copy(model, name: str):
     return twin, twin.get_encoder() if name == "LEDEncoder" else twin
 
 
-def inputs_for(name: str) -> dict:
+def inputs_for(name: str, device="cpu") -> dict:
     if name == "LEDEncoder":
-        return {k: v for k, v in batch("LEDModel").items() if k != "decoder_input_ids"}
-    return batch(name)
+        return {k: v for k, v in batch("LEDModel", device=device).items() if k != "decoder_input_ids"}
+    return batch(name, device=device)
 
 
 def forward_backward(model, target, inputs):
@@ -115,7 +122,7 @@ def test_fullgraph_forward_backward(name, method, backend):
     model, target = make(name, method, backend)
     eager, eager_target = reference_copy(model, name)
     compiled = torch.compile(target, fullgraph=True, backend="aot_eager")
-    inputs = inputs_for(name)
+    inputs = inputs_for(name, _device(backend))
     assert_same(forward_backward(model, compiled, inputs), forward_backward(eager, eager_target, inputs))
 
 
@@ -127,7 +134,7 @@ def test_no_recompilation_when_only_the_masks_change(name, method, backend):
     model.eval()
     _, oracle = reference_copy(model, name)
     compiled = torch.compile(target, fullgraph=True, backend="aot_eager")
-    inputs = inputs_for(name)
+    inputs = inputs_for(name, _device(backend))
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for kind in ("first", "more_globals", "no_globals", "padding"):
             x = other_masks(inputs, kind)
@@ -140,7 +147,7 @@ def test_inductor(backend):
     """The default compiler (inductor) on a prefix-propagation classifier, forward and backward."""
     model, _ = make("LongformerForSequenceClassification", "propagation", backend)
     eager, _ = reference_copy(model, "LongformerForSequenceClassification")
-    inputs = inputs_for("LongformerForSequenceClassification")
+    inputs = inputs_for("LongformerForSequenceClassification", _device(backend))
     got = forward_backward(model, torch.compile(model, fullgraph=True), inputs)
     assert_same(got, forward_backward(eager, eager, inputs), tol=1e-4)
 

@@ -1,9 +1,8 @@
 """The "cpu" backend (block-batched PyTorch matmuls) against the dense float64 reference.
 
-* fp32: random problems (hypothesis) with padding, global tokens (a different count per row, some rows none),
-  shared and per-batch prefixes, windows from 0 to beyond N, any N, and block / group sizes from one row up, so
-  partial blocks, several groups and the band-gradient overlap-add all run; output and all eight gradients
-  within ~1e-5 of float64.
+* fp32: corner cases (N = 1, w = 0, windows beyond N, a row of padding only, every token global); output and all
+  eight gradients within ~1e-5 of float64. Random problems (hypothesis, with block and group sizes from one row
+  up) are in `test_properties.py`.
 * bf16 / fp16: error within 2x that of the same computation done by PyTorch in that dtype (matmuls in the
   dtype, softmax in fp32), plus a small atol.
 * dropout: output and all eight gradients equal the dense reference run with the masks the backend documents
@@ -11,7 +10,7 @@
   the keep rate; determinism under `torch.manual_seed`; replay under gradient checkpointing.
 * memory linear in N, measured inside the op; dispatch; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
   patched tiny HF models against unpatched HF, forward and backward.
-Outputs are NaN-poisoned before they are written (`POISON_OUTPUTS`), so anything never written fails.
+Outputs are NaN-poisoned before they are written, so anything never written fails.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import random_inputs, random_masks
+from helpers import check_against_reference, make_inputs, op, random_like, run_with_grads
 
 import prefix_kernels as pk
 from prefix_kernels import cpu_attention, custom_op, reference
@@ -29,69 +28,16 @@ from prefix_kernels.attention import select_backend
 from prefix_kernels.checks import check_inputs
 from prefix_kernels.reference import dense_attention
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
-GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
+_cpu = op("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "POISON_OUTPUTS", True)
-
-
-def _cpu(**kw):
-    return pk.longformer_attention(**kw, backend="cpu")
-
-
-def _run(fn, x, masks, window, dtype, grad_out, **kw):
-    """Output and the eight input gradients (`None` for an absent input) of `fn` on `x` cast to `dtype`."""
-    leaves = {k: t.detach().to(dtype).requires_grad_() for k, t in x.items()}
-    out = fn(**leaves, **masks, window=window, **kw)
-    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype)), strict=True))
-    return out, [grads.get(name) for name in GRAD_NAMES]
-
-
-def _problem(b, n, h, d, *, n_global, pad_max, prefix, batch_prefix, seed):
-    x = random_inputs(b, n, h, d, prefix=prefix, batch_prefix=batch_prefix, dtype=torch.float64, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=g)
-    grad_out = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
-    return x, {"is_global": is_global, "key_padding_mask": pad}, grad_out
-
-
-def _assert_close(label, got, want, atol, base=None):
-    assert torch.isfinite(got).all(), f"{label}: non-finite (unwritten / NaN)"
-    scale = max(1.0, want.abs().max().item())
-    err = (got.double() - want).abs().max().item()
-    base_err = 0.0 if base is None else (base.double() - want).abs().max().item()
-    assert err <= 2 * base_err + atol * scale, f"{label}: err {err:.3g}, same-dtype PyTorch {base_err:.3g}"
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    b=st.integers(1, 3), n=st.integers(1, 90), h=st.integers(1, 2), d=st.sampled_from([4, 8, 16]),
-    window=st.integers(0, 40), n_global=st.tuples(st.integers(0, 2), st.integers(0, 4)), pad_max=st.integers(0, 90),
-    prefix=st.integers(0, 5), batch_prefix=st.booleans(), block=st.sampled_from([1, 3, 8, 64]),
-    group_bytes=st.sampled_from([1, 3000, 1 << 20]), seed=st.integers(0, 2**16),
-)
-def test_fp32_matches_dense_reference(b, n, h, d, window, n_global, pad_max, prefix, batch_prefix, block,
-                                      group_bytes, seed):
-    lo, hi = min(n_global), max(n_global)
-    x, masks, grad_out = _problem(b, n, h, d, n_global=(lo, hi), pad_max=pad_max, prefix=prefix,
-                                  batch_prefix=batch_prefix, seed=seed)
-    with mock.patch.object(cpu_attention, "BLOCK_ROWS", block), \
-            mock.patch.object(cpu_attention, "GROUP_BYTES", group_bytes):
-        out, grads = _run(_cpu, x, masks, window, torch.float32, grad_out)
-    ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out)
-    assert out.dtype == torch.float32
-    for label, got, want in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
-        assert (got is None) == (want is None), label
-        if got is not None:
-            _assert_close(label, got, want, 1e-5)
-    pad = masks["key_padding_mask"]
-    assert (out[pad] == 0).all() and all((g[pad] == 0).all() for g in grads[:6])
+def _problem(b, n, h, d, *, n_global, pad_max, prefix, batch_prefix, seed, empty_rows=()):
+    """float64 inputs, both masks, and an output gradient."""
+    x, masks = make_inputs(b, n, h, d, dtype=torch.float64, seed=seed, prefix=prefix, batch_prefix=batch_prefix,
+                           n_global=n_global, pad=pad_max, empty_rows=empty_rows)
+    return x, masks, random_like((b, n, h, d), seed=seed + 2)
 
 
 def test_corner_cases_match_dense_reference():
@@ -100,21 +46,15 @@ def test_corner_cases_match_dense_reference():
     cases = [
         dict(b=1, n=1, window=0, n_global=(0, 0), pad_max=0, prefix=0),
         dict(b=2, n=1, window=5, n_global=(1, 1), pad_max=0, prefix=2),
-        dict(b=2, n=70, window=0, n_global=(0, 3), pad_max=10, prefix=0),
+        # a whole batch row of padding: output and gradients 0
+        dict(b=2, n=70, window=0, n_global=(0, 3), pad_max=10, prefix=0, empty_rows=[1]),
         dict(b=2, n=50, window=200, n_global=(0, 2), pad_max=0, prefix=3),
         dict(b=1, n=9, window=2, n_global=(9, 9), pad_max=0, prefix=1),
     ]
     for i, case in enumerate(cases):
-        x, masks, grad_out = _problem(case["b"], case["n"], 2, 8, n_global=case["n_global"], pad_max=case["pad_max"],
-                                      prefix=case["prefix"], batch_prefix=False, seed=i)
-        if i == 2:
-            masks["key_padding_mask"][1] = True  # a whole batch row of padding: output and gradients 0
-            masks["is_global"][1] = False
-        out, grads = _run(_cpu, x, masks, case["window"], torch.float32, grad_out)
-        ref, ref_grads = _run(dense_attention, x, masks, case["window"], torch.float64, grad_out)
-        for label, got, want in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
-            if got is not None:
-                _assert_close(f"case {i} {label}", got, want, 1e-5)
+        window = case.pop("window")
+        x, masks, grad_out = _problem(h=2, d=8, batch_prefix=False, seed=i, **case)
+        check_against_reference(_cpu, x, masks, window, torch.float32, grad_out, atol=1e-5, label=f"case {i}")
 
 
 _MASKED_SOFTMAX = reference.masked_softmax
@@ -146,15 +86,8 @@ def test_low_precision_within_twice_the_same_dtype_error(name, dtype):
     b, n, h, d, window, n_global, pad_max, prefix, batch_prefix = LOW_PRECISION_CASES[name]
     x, masks, grad_out = _problem(b, n, h, d, n_global=n_global, pad_max=pad_max, prefix=prefix,
                                   batch_prefix=batch_prefix, seed=3)
-    x = {k: t.to(dtype).double() for k, t in x.items()}  # every computation starts from the same rounded inputs
-    out, grads = _run(_cpu, x, masks, window, dtype, grad_out)
-    base, base_grads = _run(_dense_in_dtype, x, masks, window, dtype, grad_out)
-    ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out)
-    assert out.dtype == dtype
-    for label, got, want, b_ in [("out", out, ref, base), *zip(GRAD_NAMES, grads, ref_grads, base_grads, strict=True)]:
-        if got is not None:
-            assert got.dtype == dtype, label
-            _assert_close(label, got, want, 1e-3, base=b_)
+    _, grads = check_against_reference(_cpu, x, masks, window, dtype, grad_out, baseline=_dense_in_dtype, atol=1e-3)
+    assert all(g.dtype == dtype for g in grads if g is not None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -207,12 +140,9 @@ def test_dropout_matches_dense_reference_with_the_documented_masks(monkeypatch, 
     keeps = iter(_documented_keep_masks(x, masks, window, p, seed))
     monkeypatch.setattr(reference, "_dropout", lambda probs, dp: probs * next(keeps).to(probs.dtype) / (1 - dp))
     torch.manual_seed(123)
-    out, grads = _run(_cpu, x, masks, window, torch.float32, grad_out, dropout_p=p)
-    ref, ref_grads = _run(dense_attention, x, masks, window, torch.float64, grad_out, dropout_p=p)
-    no_drop = _run(_cpu, x, masks, window, torch.float32, grad_out)[0]
+    out, _ = check_against_reference(_cpu, x, masks, window, torch.float32, grad_out, atol=1e-5, dropout_p=p)
+    no_drop = run_with_grads(_cpu, x, masks, window, torch.float32, grad_out)[0]
     assert not torch.allclose(out, no_drop)
-    for label, got, want in [("out", out, ref), *zip(GRAD_NAMES, grads, ref_grads, strict=True)]:
-        _assert_close(label, got, want, 1e-5)
 
 
 def test_dropout_keep_rate_and_scale():
@@ -273,11 +203,9 @@ def test_memory_stays_linear_in_n(mode):
     from prefix_kernels.memory import peak_memory
 
     b, n, h, d, w, g, p = 1, 16384, 2, 16, 64, 3, 4
-    x = random_inputs(b, n, h, d, prefix=p, requires_grad=mode == "fwdbwd")
-    is_global = torch.zeros(b, n, dtype=torch.bool)
-    is_global[:, :g] = True
-    pad = torch.zeros_like(is_global)
-    pad[:, n - n // 16 :] = True
+    x, masks = make_inputs(b, n, h, d, prefix=p, n_global=g, pad={0: range(n - n // 16, n)},
+                           requires_grad=mode == "fwdbwd")
+    is_global, pad = masks["is_global"], masks["key_padding_mask"]
     band_bytes = 4 * b * h * n * (2 * w + 1 + g + p)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of small ops: slow with intra-op threads on a shared runner
@@ -303,7 +231,7 @@ def test_memory_stays_linear_in_n(mode):
 
 def test_dispatch():
     assert pk.available_backends()["cpu"] is None
-    t = random_inputs(1, 16, 1, 8)
+    t, _ = make_inputs(1, 16, 1, 8)
     assert select_backend(check_inputs(**{k: v.bfloat16() for k, v in t.items()}, window=2)) == "cpu"
     assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
     with pytest.raises(ValueError, match="cpu.*reference backend only"):

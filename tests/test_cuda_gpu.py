@@ -1,89 +1,63 @@
 """CUDA-backend launchers against the dense fp64 reference, on a GPU (skipped without one).
 
 These call `prefix_kernels.cuda_attention.forward` / `backward` directly (no custom op), so a failure points at
-the kernels, not the glue. Outputs are NaN-poisoned before the kernels run (`PREFIX_KERNELS_POISON=1`), so a row
-no kernel writes shows up. The backend-independent suite (`test_gpu.py`) runs the public op on both backends.
+the kernels, not the glue. They are held to the same rule as the public op in `test_gpu.py` (`helpers.py`: error
+at most 2x that of the same computation in PyTorch in the dtype, plus a small atol; IEEE fp32 against fp64 with
+the fp32 atol; padding rows zero). Outputs are NaN-poisoned before the kernels run (`PREFIX_KERNELS_POISON=1`), so
+a row no kernel writes shows up. The backend-independent suite (`test_gpu.py`) runs the public op on both backends.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_masks
+from helpers import (
+    ATOL,
+    GLOBAL_NAMES,
+    GRAD_NAMES,
+    assert_matches_reference,
+    make_inputs,
+    random_like,
+    run_with_grads,
+    skip_unless_runs,
+)
 
 from prefix_kernels import cuda_attention
 from prefix_kernels.reference import dense_attention, global_positions
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_outputs")]
 
 
 def _need_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    why = cuda_attention.unavailable_reason()
-    if why is not None:
-        pytest.skip(why)
+    skip_unless_runs("cuda", "cuda")
 
 
-# atol/rtol against fp64 on the same (rounded) inputs: fp32 is IEEE (no tf32)
-_TOL = {torch.float32: (2e-5, 2e-4), torch.float16: (4e-3, 2e-2), torch.bfloat16: (3e-2, 1e-1)}
+def _case(b, n, h, d, *, n_global, pad_max, prefix, dtype, seed=0):
+    """Inputs (per-batch prefix) and both masks on the GPU; without any global token, no global projections (the
+    launchers then take `None`, as the custom op passes them)."""
+    t, masks = make_inputs(b, n, h, d, dtype=dtype, device="cuda", seed=seed, prefix=prefix, batch_prefix=True,
+                           n_global=n_global, pad=pad_max)
+    if not masks["is_global"].any():
+        for name in GLOBAL_NAMES:
+            del t[name]
+    return t, masks
 
 
-def _case(b, n, h, d, *, window, n_global, pad_max, prefix, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    names = ["q", "k", "v", "q_global", "k_global", "v_global"]
-    t = {name: torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for name in names}
-    if prefix:
-        t["prefix_k"] = torch.randn(b, prefix, h, d, generator=g, dtype=torch.float64)
-        t["prefix_v"] = torch.randn(b, prefix, h, d, generator=g, dtype=torch.float64)
-    t = {k: x.to(dtype).cuda() for k, x in t.items()}
-    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=g, device="cuda")
-    return t, is_global, pad
-
-
-def _launcher_args(t, is_global, pad):
-    if is_global.any():
-        idx, count, max_global = global_positions(is_global)
-        gl = {"q_global": t["q_global"], "k_global": t["k_global"], "v_global": t["v_global"]}
-        gidx = idx.to(torch.int32)
-    else:
-        gl = {"q_global": None, "k_global": None, "v_global": None}
-        gidx = count = None
-        max_global = 0
-    return gl, gidx, count, max_global
-
-
-def _run(t, is_global, pad, *, window, dropout_p=0.0, seed=123, grad=None):
-    gl, gidx, count, max_global = _launcher_args(t, is_global, pad)
+def _run(t, masks, *, window, dropout_p=0.0, seed=123, grad=None):
+    """The launchers on `t`: `(out, lse, grads)`, `grads` (eight, `None` for absent inputs) only with `grad`."""
+    gidx = count = None
+    max_global = 0
+    if "q_global" in t:
+        idx, count, max_global = global_positions(masks["is_global"])
+        gidx = idx.to(torch.int32).contiguous()
     d = t["q"].shape[-1]
     kw = {"window": window, "scale": d**-0.5, "dropout_p": dropout_p, "seed": seed, "max_global": max_global}
-    pk, pv = t.get("prefix_k"), t.get("prefix_v")
-    inputs = (t["q"], t["k"], t["v"], gl["q_global"], gl["k_global"], gl["v_global"], pk, pv, pad, gidx, count)
+    inputs = (*(t.get(name) for name in GRAD_NAMES), masks["key_padding_mask"], gidx, count)
     out, lse = cuda_attention.forward(*inputs, **kw)
     grads = None
     if grad is not None:
-        grads = cuda_attention.backward(grad, *inputs, out, lse, **kw)
+        grads = list(cuda_attention.backward(grad, *inputs, out, lse, **kw))
     return out, lse, grads
-
-
-def _reference(t, is_global, pad, *, window, grad):
-    leaves = {k: x.double().requires_grad_() for k, x in t.items()}
-    has_g = bool(is_global.any())
-    kwargs = {
-        "is_global": is_global if has_g else None,
-        "key_padding_mask": pad,
-        "prefix_k": leaves.get("prefix_k"),
-        "prefix_v": leaves.get("prefix_v"),
-    }
-    if has_g:
-        kwargs.update(q_global=leaves["q_global"], k_global=leaves["k_global"], v_global=leaves["v_global"])
-    out = dense_attention(leaves["q"], leaves["k"], leaves["v"], window=window, **kwargs)
-    out.backward(grad.double())
-    names = ["q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v"]
-    grads = [leaves[n].grad if n in leaves and leaves[n].grad is not None else None for n in names]
-    if not has_g:
-        grads[3:6] = [None, None, None]
-    return out.detach(), grads
 
 
 CASES = [
@@ -100,60 +74,50 @@ CASES = [
 
 def _check_against_dense(case, d, dtype, q_scale=1.0):
     b, n, h, window, n_global, pad_max, prefix = case
-    t, is_global, pad = _case(b, n, h, d, window=window, n_global=n_global, pad_max=pad_max, prefix=prefix,
-                              dtype=dtype)
+    t, masks = _case(b, n, h, d, n_global=n_global, pad_max=pad_max, prefix=prefix, dtype=dtype)
     if q_scale != 1.0:
-        t["q"] = (t["q"].float() * q_scale).to(dtype)
-        t["q_global"] = (t["q_global"].float() * q_scale).to(dtype)
-    grad = torch.randn(b, n, h, d, device="cuda", dtype=torch.float64).to(dtype)
-    out, lse, grads = _run(t, is_global, pad, window=window, grad=grad)
-    ref, ref_grads = _reference(t, is_global, pad, window=window, grad=grad)
-    atol, rtol = _TOL[dtype]
-    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
-    names = ["dq", "dk", "dv", "dq_global", "dk_global", "dv_global", "dprefix_k", "dprefix_v"]
-    for name, got, want in zip(names, grads, ref_grads, strict=True):
-        if want is None:
-            assert got is None or not got.abs().any(), name
-            continue
-        assert got is not None, name
-        assert torch.isfinite(got).all(), name
-        scale = max(1.0, float(want.abs().max()))
-        torch.testing.assert_close(got.double(), want, atol=atol * 4 * scale, rtol=rtol * 2, msg=name)
+        for name in ("q", "q_global"):
+            if name in t:
+                t[name] = (t[name].float() * q_scale).to(dtype)
+    grad = random_like((b, n, h, d), seed=1, dtype=dtype, device="cuda")
+    out, lse, grads = _run(t, masks, window=window, grad=grad)
+    assert not torch.isnan(lse).any()
+    ref = run_with_grads(dense_attention, t, masks, window, torch.float64, grad)
+    # The same computation by PyTorch in the dtype (fp32 softmax); IEEE fp32 kernels: none, fp64 with the fp32 atol.
+    base = None if dtype == torch.float32 else run_with_grads(dense_attention, t, masks, window, dtype, grad)
+    assert_matches_reference((out, grads), ref, base, atol=ATOL[dtype], key_padding_mask=masks["key_padding_mask"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}n{}h{}w{}g{}p{}P{}".format(*c))
-def test_forward_backward_match_dense(case, d, dtype, monkeypatch):
+def test_forward_backward_match_dense(case, d, dtype):
     _need_gpu()
-    monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
     _check_against_dense(case, d, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_sharp_softmax(dtype, monkeypatch):
+def test_sharp_softmax(dtype):
     """Scores spread over a wide range: the forward's running max moves often (its lazy-rescale path)."""
     _need_gpu()
-    monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
     _check_against_dense((2, 400, 2, 150, (1, 5), 20, 3), 64, dtype, q_scale=6.0)
 
 
 def test_dropout_is_deterministic_and_unbiased():
     _need_gpu()
     b, n, h, d = 2, 300, 2, 64
-    t, is_global, pad = _case(b, n, h, d, window=16, n_global=(1, 3), pad_max=0, prefix=2, dtype=torch.float32)
+    t, masks = _case(b, n, h, d, n_global=(1, 3), pad_max=0, prefix=2, dtype=torch.float32)
     for name in ("v", "v_global", "prefix_v"):
         t[name] = torch.ones_like(t[name])
-    out1, lse1, _ = _run(t, is_global, pad, window=16, dropout_p=0.3, seed=7)
-    out2, lse2, _ = _run(t, is_global, pad, window=16, dropout_p=0.3, seed=7)
-    out3, _, _ = _run(t, is_global, pad, window=16, dropout_p=0.3, seed=8)
+    out1, lse1, _ = _run(t, masks, window=16, dropout_p=0.3, seed=7)
+    out2, lse2, _ = _run(t, masks, window=16, dropout_p=0.3, seed=7)
+    out3, _, _ = _run(t, masks, window=16, dropout_p=0.3, seed=8)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
     assert not torch.equal(out1, out3)
     # with v = 1, every row is sum_j P_ij m_ij / (1 - p), whose mean is 1
     assert abs(float(out1.mean()) - 1.0) < 0.03
     # LSE is the undropped softmax: the same as without dropout
-    _, lse0, _ = _run(t, is_global, pad, window=16, dropout_p=0.0)
+    _, lse0, _ = _run(t, masks, window=16, dropout_p=0.0)
     torch.testing.assert_close(lse1, lse0)
 
 
@@ -161,19 +125,17 @@ def test_dropout_backward_matches_finite_differences():
     """The backward must draw the forward's mask: check <grad, dx> against a central difference in fp32."""
     _need_gpu()
     b, n, h, d = 1, 80, 2, 32
-    t, is_global, pad = _case(b, n, h, d, window=8, n_global=(2, 2), pad_max=4, prefix=2, dtype=torch.float32)
-    grad = torch.randn(b, n, h, d, device="cuda")
-    _, _, grads = _run(t, is_global, pad, window=8, dropout_p=0.4, seed=99, grad=grad)
-    names = ["q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v"]
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    t, masks = _case(b, n, h, d, n_global=(2, 2), pad_max=4, prefix=2, dtype=torch.float32)
+    grad = random_like((b, n, h, d), seed=1, dtype=torch.float32, device="cuda")
+    _, _, grads = _run(t, masks, window=8, dropout_p=0.4, seed=99, grad=grad)
     eps = 1e-2
-    for name, g_an in zip(names, grads, strict=True):
-        direction = torch.randn(t[name].shape, device="cuda", generator=gen)
+    for i, (name, g_an) in enumerate(zip(GRAD_NAMES, grads, strict=True)):
+        direction = random_like(t[name].shape, seed=10 + i, dtype=torch.float32, device="cuda")
 
         def f(sign, name=name, direction=direction):
             t2 = dict(t)
             t2[name] = t[name] + sign * eps * direction
-            out, _, _ = _run(t2, is_global, pad, window=8, dropout_p=0.4, seed=99)
+            out, _, _ = _run(t2, masks, window=8, dropout_p=0.4, seed=99)
             return float((out.double() * grad.double()).sum())
 
         numeric = (f(1) - f(-1)) / (2 * eps)

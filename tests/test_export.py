@@ -11,7 +11,7 @@ from tiny_models import batch, build, main_output
 
 pytest.importorskip("transformers")
 
-from conftest import random_inputs, random_masks  # noqa: E402
+from helpers import make_inputs  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.checks import check_inputs  # noqa: E402
@@ -34,10 +34,10 @@ METHODS = {
 
 @pytest.mark.parametrize("seed", range(6))
 def test_static_attention_matches_the_dense_reference(seed):
-    g = torch.Generator().manual_seed(seed)
     b, n, h, d = 3, 37, 2, 8
-    x = random_inputs(b, n, h, d, prefix=(0, 3)[seed % 2], batch_prefix=seed % 3 == 0, dtype=torch.float64, seed=seed)
-    glob, pad = random_masks(b, n, n_global=(0, 4), pad_max=12, generator=g)
+    x, masks = make_inputs(b, n, h, d, dtype=torch.float64, seed=seed, prefix=(0, 3)[seed % 2],
+                           batch_prefix=seed % 3 == 0, n_global=(0, 4), pad=12, mask_seed=seed)
+    glob, pad = masks["is_global"], masks["key_padding_mask"]
     if seed == 4:  # no global tokens at all
         glob = None
         for name in ("q_global", "k_global", "v_global"):
@@ -51,7 +51,7 @@ def test_static_attention_empty_and_padding_rows_are_zero():
     """Window 0 and every other key padding or global-only: rows with no admissible key give 0, never NaN; padding
     rows 0; gradients finite."""
     b, n, h, d = 2, 12, 2, 4
-    x = random_inputs(b, n, h, d, requires_grad=True)
+    x, _ = make_inputs(b, n, h, d, requires_grad=True)
     pad = torch.zeros(b, n, dtype=torch.bool)
     pad[:, 1::2] = True
     pad[1] = True  # a row of padding only

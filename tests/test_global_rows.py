@@ -553,7 +553,9 @@ def test_dropout_is_unbiased_and_seeded(paths):
 # On a GPU
 # ------------------------------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def gpu(test):
+    """Marked `gpu` (selected by `pytest -m gpu`, as the GPU check runs them) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))
 # atol relative to max(1, |reference|), on top of twice the error of the same computation in PyTorch at the dtype.
 GPU_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -1,20 +1,21 @@
 """The fused backends ("triton", "cuda") through the public op on a GPU; skipped without CUDA.
 
 One suite for both backends: output and all eight gradients against a float64 reference computed from the same
-(rounded) inputs, with the rule "error <= 2x the error of the same computation in PyTorch on the low-precision
-inputs (fp32 softmax, results and gradients rounded to the dtype), plus a small atol". Shapes: longformer-base
+(rounded) inputs, with the rule of `helpers.py` ("error <= 2x the error of the same computation in PyTorch on the
+low-precision inputs (fp32 softmax, results and gradients rounded to the dtype), plus a small atol"; IEEE fp32
+against fp64 with the fp32 atol). Shapes: longformer-base
 heads (H=12, D=64, w=256) up to N=16384, D=32/128, odd N, random global tokens per row (some rows none),
 padding, prefixes. The dense reference is used up to N=2048; beyond, the chunked reference (same semantics,
 never N x N). Outputs are NaN-poisoned (`PREFIX_KERNELS_POISON=1`), so anything no kernel writes fails.
-Also: dropout determinism and replay in the backward, the Triton dropout bits against an independent Philox,
-`torch.compile(fullgraph=True)`.
+Also: dropout determinism and replay in the backward, `torch.compile(fullgraph=True)`. The small-problem Triton
+tests (tile edges, dropout bits, custom op, caches, dispatch) of `test_triton.py` also run here on CUDA tensors.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_inputs, random_masks
+from helpers import check_against_reference, make_inputs, op, random_like, skip_unless_runs
 
 import prefix_kernels as pk
 from prefix_kernels.checks import check_inputs
@@ -23,23 +24,14 @@ from prefix_kernels.reference import chunked_attention, dense_attention
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.usefixtures("poison_outputs"),
 ]
 
 BACKENDS = ("triton", "cuda")
-GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
-# atol, relative to max(1, |reference|): covers rounding of results whose PyTorch baseline error happens to be ~0.
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
 
 
 def _need(backend: str) -> None:
-    why = pk.available_backends()[backend]
-    if why is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    skip_unless_runs(backend, "cuda")
 
 
 # name: (B, N, H, D, window, globals per row (lo, hi) or explicit count at the start, pad_max, prefix, batch_prefix)
@@ -64,62 +56,33 @@ CASES = [
 
 
 def _case(name: str, dtype: torch.dtype, seed: int = 0):
+    """`(inputs, masks, window)` of shape `name` on the GPU."""
     b, n, h, d, w, n_global, pad_max, prefix, batch_prefix = SHAPES[name]
-    t = random_inputs(b, n, h, d, prefix=prefix, batch_prefix=batch_prefix, dtype=dtype, device="cuda", seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    if isinstance(n_global, int):  # prefix-propagation layout: the first tokens are global
-        is_global, pad = random_masks(b, n, n_global=(0, 0), pad_max=pad_max, generator=g, device="cuda")
-        is_global[:, :n_global] = True
-    else:
-        is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=g, device="cuda")
-    if name == "padding_row":
-        pad[1] = True
-        is_global[1] = False
-    return t, {"is_global": is_global, "key_padding_mask": pad}, w
-
-
-def _run(fn, t, masks, window, dtype, grad_out):
-    leaves = {k: x.detach().to(dtype).requires_grad_() for k, x in t.items()}
-    out = fn(**leaves, **masks, window=window)
-    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype)), strict=True))
-    return out, [grads.get(name) for name in GRAD_NAMES]
+    t, masks = make_inputs(b, n, h, d, dtype=dtype, device="cuda", seed=seed, prefix=prefix,
+                           batch_prefix=batch_prefix, n_global=n_global, pad=pad_max,
+                           empty_rows=[1] if name == "padding_row" else ())
+    return t, masks, w
 
 
 def _chunked(**kw):
     return chunked_attention(check_inputs(**kw))
 
 
-def _check_against_reference(backend, name, dtype, atol, *, ieee_fp32):
+def _check_against_reference(backend, name, dtype, *, tf32=False):
     t, masks, window = _case(name, dtype)
-    n = t["q"].shape[1]
-    reference = dense_attention if n <= 2048 else _chunked
-    go = torch.randn(t["q"].shape, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).to(dtype)
-    out, grads = _run(lambda **kw: pk.longformer_attention(**kw, backend=backend), t, masks, window, dtype, go)
-    ref, ref_grads = _run(reference, t, masks, window, torch.float64, go)
-    if ieee_fp32:
-        base, base_grads = ref, [None] * 8  # IEEE fp32 kernels: compare to fp64 with the fp32 atol alone
-    else:
-        base, base_grads = _run(reference, t, masks, window, dtype, go)
-    assert out.dtype == dtype
-    pad = masks["key_padding_mask"]
-    assert (out[pad] == 0).all()
-    for label, a, b, r in [("out", out, base, ref), *zip(GRAD_NAMES, grads, base_grads, ref_grads, strict=True)]:
-        if r is None:
-            continue
-        assert torch.isfinite(a).all(), f"{label}: non-finite (unwritten / NaN)"
-        scale = max(1.0, r.abs().max().item())
-        err = (a.double() - r).abs().max().item()
-        base_err = 0.0 if b is None else (b.double() - r).abs().max().item()
-        assert err <= 2 * base_err + atol * scale, f"{label}: err {err:.3g}, PyTorch {base_err:.3g}"
-    for g in grads[:6]:
-        assert (g[pad] == 0).all()
+    # The dense reference holds (B, N, N) scores: beyond 2048 tokens the chunked one (same semantics).
+    reference = dense_attention if t["q"].shape[1] <= 2048 else _chunked
+    go = random_like(t["q"].shape, seed=7)
+    # Under TF32 matmuls the baseline is PyTorch's own fp32 computation (then also TF32), with TF32's rounding.
+    kw = dict(baseline=reference, atol=2e-3) if tf32 else {}
+    check_against_reference(op(backend), t, masks, window, dtype, go, reference=reference, label=backend, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CASES])
 def test_output_and_gradients_match_reference(backend, name, dtype):
     _need(backend)
-    _check_against_reference(backend, name, dtype, ATOL[dtype], ieee_fp32=dtype == torch.float32)
+    _check_against_reference(backend, name, dtype)
 
 
 @pytest.fixture
@@ -135,7 +98,7 @@ def test_triton_fp32_follows_float32_matmul_precision(tf32_matmuls, name):
     """Under `torch.set_float32_matmul_precision("high")` the Triton kernels use TF32 as PyTorch's matmuls do: the
     error stays within 2x that of the same computation in PyTorch (TF32 matmuls), plus TF32's rounding."""
     _need("triton")
-    _check_against_reference("triton", name, torch.float32, 2e-3, ieee_fp32=False)
+    _check_against_reference("triton", name, torch.float32, tf32=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,9 +117,9 @@ def test_dropout_is_seeded_and_replayed_in_backward(backend):
     assert torch.equal(pk.longformer_attention(**x, **masks, window=window, dropout_p=0.0, backend=backend), no_drop)
     assert not torch.equal(a, no_drop)
     # Fixed seed: the output is smooth in the inputs; the backward must replay the forward's mask.
-    gen = torch.Generator("cuda").manual_seed(3)
-    direction = {k: torch.randn(v.shape, device="cuda", generator=gen) for k, v in x.items()}
-    go = torch.randn(a.shape, device="cuda", generator=gen)
+    direction = {k: random_like(v.shape, seed=3 + i, dtype=v.dtype, device="cuda")
+                 for i, (k, v) in enumerate(x.items())}
+    go = random_like(a.shape, seed=2, dtype=a.dtype, device="cuda")
     grads = torch.autograd.grad(a, list(x.values()), go)
     analytic = sum((g.double() * direction[k]).sum() for k, g in zip(x, grads, strict=True)).item()
     eps = 1e-2
@@ -169,20 +132,6 @@ def test_dropout_is_seeded_and_replayed_in_backward(backend):
     assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
-def test_triton_dropout_bits_follow_the_documented_philox_stream():
-    """Compiled for the GPU (where `tl.join` / `tl.reshape` get real layouts), both forms of the Triton kernels'
-    dropout draw give the bits of the NumPy Philox of the documented scheme."""
-    _need("triton")
-    from dropout_masks import kernel_keep, philox_keep
-
-    seed, p = 2**40 + 12345, 0.3
-    for col0 in (0, 68, 16388):
-        positions = range(col0, col0 + 64)
-        want = torch.stack([philox_keep(seed, bh, range(64), positions, p) for bh in range(2)])
-        assert torch.equal(kernel_keep(seed, 2, [col0], p, tile=True, block=64, device="cuda"), want), col0
-        assert torch.equal(kernel_keep(seed, 2, positions, p, block=64, device="cuda"), want), col0
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     _need(backend)
@@ -190,8 +139,8 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
 
     def fn(q, k, v):
-        return pk.longformer_attention(q, k, v, **{n: t[n] for n in GRAD_NAMES[3:]}, **masks, window=window,
-                                       backend=backend)
+        rest = {n: x for n, x in t.items() if n not in ("q", "k", "v")}
+        return pk.longformer_attention(q, k, v, **rest, **masks, window=window, backend=backend)
 
     leaves = [t[n].detach().clone().requires_grad_() for n in ("q", "k", "v")]
     out = fn(*leaves)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_inputs
+from helpers import make_inputs
 
 import prefix_kernels as pk
 from prefix_kernels.memory import peak_memory
@@ -22,16 +22,14 @@ from prefix_kernels.memory import peak_memory
 MB = 2**20
 
 
-def _masks(b: int, n: int, n_global: int, device="cpu"):
-    is_global = torch.zeros(b, n, dtype=torch.bool, device=device)
-    is_global[:, :n_global] = True
-    pad = torch.zeros_like(is_global)
-    pad[-1, n - n // 16 :] = True  # the last row ends in padding
-    return is_global, pad
+def _inputs(b, n, h, d, *, n_global: int, prefix: int, requires_grad: bool, dtype=torch.float32, device="cpu"):
+    """Inputs and masks: the first `n_global` tokens global, the last row ending in padding."""
+    return make_inputs(b, n, h, d, dtype=dtype, device=device, prefix=prefix, n_global=n_global,
+                       pad={b - 1: range(n - n // 16, n)}, requires_grad=requires_grad)
 
 
-def _call(x: dict, *, window, is_global, pad, backend: str) -> torch.Tensor:
-    return pk.longformer_attention(**x, window=window, is_global=is_global, key_padding_mask=pad, backend=backend)
+def _call(x: dict, *, window, masks, backend: str) -> torch.Tensor:
+    return pk.longformer_attention(**x, **masks, window=window, backend=backend)
 
 
 @pytest.fixture
@@ -47,16 +45,15 @@ def one_thread():
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 def test_reference_never_allocates_n_by_n(mode, one_thread):
     b, n, h, d, w, g, p = 1, 16384, 2, 16, 64, 3, 4
-    x = random_inputs(b, n, h, d, prefix=p, requires_grad=mode == "fwdbwd")
-    is_global, pad = _masks(b, n, g)
+    x, masks = _inputs(b, n, h, d, n_global=g, prefix=p, requires_grad=mode == "fwdbwd")
     band_bytes = 4 * b * h * n * (2 * w + 1 + g + p)  # one fp32 score tensor of every local row's keys
     grad_out = torch.randn(b, n, h, d)
     with peak_memory("cpu") as mem:
         if mode == "fwd":
             with torch.no_grad():
-                _call(x, window=w, is_global=is_global, pad=pad, backend="reference")
+                _call(x, window=w, masks=masks, backend="reference")
         else:
-            out = _call(x, window=w, is_global=is_global, pad=pad, backend="reference")
+            out = _call(x, window=w, masks=masks, backend="reference")
             torch.autograd.grad(out, list(x.values()), grad_out)
             del out
     assert 0 < mem.largest <= band_bytes, f"largest allocation {mem.largest / MB:.1f} MB > {band_bytes / MB:.1f} MB"
@@ -74,10 +71,9 @@ def test_fused_backend_peak_memory(backend, mode):
         pytest.skip(f"backend {backend!r} unavailable: {why}")
     b, n, h, d, w, g, p = 1, 16384, 12, 64, 256, 17, 16
     dev, dt = torch.device("cuda"), torch.bfloat16
-    x = random_inputs(b, n, h, d, prefix=p, dtype=dt, device=dev, requires_grad=mode == "fwdbwd")
-    is_global, pad = _masks(b, n, g, dev)
+    x, masks = _inputs(b, n, h, d, n_global=g, prefix=p, requires_grad=mode == "fwdbwd", dtype=dt, device=dev)
     grad_out = torch.randn(b, n, h, d, device=dev, dtype=dt)
-    args = dict(window=w, is_global=is_global, pad=pad, backend=backend)
+    args = dict(window=w, masks=masks, backend=backend)
 
     def run():
         if mode == "fwd":

@@ -1,16 +1,19 @@
 """`patch_longformer`: patched models compute what Hugging Face computes, with the same parameters.
 
-Every comparison is fp32 against the unpatched model (HF's own eager attention), forward and backward.
+Every comparison is fp32 against the unpatched model (HF's own eager attention), forward and backward. Most run
+through the reference backend on the CPU; the fused-kernel cases run the Triton kernels through the interpreter
+without CUDA, and the Triton kernels and the CUDA library on CUDA tensors where there is a GPU.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import os
+import sys
 
 import pytest
 import torch
+from helpers import FUSED, skip_unless_runs
 from tiny_models import LED_CLASSES, LONGFORMER_CLASSES, batch, build, enable_checkpointing, main_output, scalar_loss
 
 transformers = pytest.importorskip("transformers")
@@ -18,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
+from prefix_kernels import reference  # noqa: E402
 from prefix_kernels.patching import (  # noqa: E402
     _TraceableEncoder,
     fused_self_attention,
@@ -69,19 +73,63 @@ def test_patched_matches_hf_forward_and_backward(name):
     assert_same_grads(got_grads, want_grads)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend takes CPU tensors only under "
-                    "TRITON_INTERPRET=1 (tests/test_gpu.py covers it on a GPU)")
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("name", ["LongformerForSequenceClassification", "LEDModel"])
-def test_patched_with_triton_kernels_matches_hf(name):
-    """The fused kernels (here through Triton's interpreter) behind the patched module: HF's numbers, forward and
-    backward, with global tokens, padding and HF's per-layer windows."""
-    hf = build(name)
-    ours = patched_copy(hf, backend="triton")
-    inputs = batch(name)
+def test_patched_with_fused_kernels_matches_hf(name, backend, device):
+    """The fused kernels behind the patched module: HF's numbers (HF's eager attention on the same device),
+    forward and backward, with global tokens, padding and HF's per-layer windows."""
+    skip_unless_runs(backend, device)
+    hf = build(name, head_dim=16 if backend == "cuda" else 8).to(device)  # the CUDA library's smallest is 16
+    ours = patched_copy(hf, backend=backend)
+    inputs = batch(name, device=device)
     want, want_grads = run(hf, inputs)
     got, got_grads = run(ours, inputs)
     torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
     assert_same_grads(got_grads, want_grads)
+
+
+@pytest.fixture
+def global_index_reads(monkeypatch):
+    """The `(B, N)` masks whose compact global index the package computes (`reference.global_positions`, whose
+    global count `G` is read back to the host), counted wherever a `prefix_kernels` module calls it."""
+    reads = []
+    original = reference.global_positions
+
+    def counted(is_global):
+        reads.append(is_global)
+        return original(is_global)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "prefix_kernels" and getattr(module, "global_positions", None) is original:
+            monkeypatch.setattr(module, "global_positions", counted)
+    return reads
+
+
+# Three layers, so one read per forward pass differs from one per layer; head dim 16, which every backend serves.
+DEEP = {"LongformerForSequenceClassification": dict(num_hidden_layers=3, attention_window=[8, 16, 8], head_dim=16),
+        "LEDModel": dict(encoder_layers=3, attention_window=[8, 16, 8], head_dim=16)}
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu-cpu"), *FUSED[1:]])
+@pytest.mark.parametrize("name", list(DEEP))
+def test_one_global_index_read_per_forward_pass(global_index_reads, name, backend, device):
+    """The fused ops cache the compact global index per mask tensor, and the patched model hands every layer the
+    same masks (and the same global-and-not-padding mask): one forward and backward pass of a three-layer model
+    computes the index, and reads its size back to the host, once, not once per layer; a new batch once more."""
+    skip_unless_runs(backend, device)
+    model = patch_longformer(build(name, **DEEP[name]).to(device), backend)
+    layers = []
+    for module in model.modules():
+        if hasattr(module, "_prefix_kernels_backend"):
+            module.register_forward_hook(lambda *_: layers.append(1))
+    scalar_loss(model(**batch(name, device=device))).backward()
+    assert len(layers) == 3
+    assert len(global_index_reads) == 1, f"{len(global_index_reads)} global-index reads for one pass of 3 layers"
+    with torch.no_grad():
+        model(**batch(name, seed=1, device=device))
+    assert len(layers) == 6
+    assert len(global_index_reads) == 2, f"{len(global_index_reads)} global-index reads for two passes"
+    assert all(mask.device.type == device for mask in global_index_reads)
 
 
 @pytest.mark.parametrize("name", ["LongformerModel", "LEDModel"])

@@ -2,15 +2,17 @@
 
 The references below loop over the layers by hand, calling the models' own Linear / LayerNorm submodules on
 explicitly prefixed hidden states, with dense `(B, N, N)` attention masks; they share no code with the package.
+Most tests run the reference backend on the CPU; the fused-kernel cases run the Triton kernels through the
+interpreter without CUDA, and the Triton kernels and the CUDA library on CUDA tensors where there is a GPU.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
+from helpers import FUSED, skip_unless_runs
 from tiny_models import LED_CLASSES, LONGFORMER_CLASSES, batch, build, enable_checkpointing, main_output, scalar_loss
 
 transformers = pytest.importorskip("transformers")
@@ -169,22 +171,24 @@ def test_tuning_matches_dense_reference(name):
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton backend takes CPU tensors only "
-                    "under TRITON_INTERPRET=1 (tests/test_gpu.py covers it on a GPU)")
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("apply", [apply_prefix_propagation, apply_prefix_tuning])
-def test_triton_kernels_match_the_dense_reference(apply):
+def test_fused_kernels_match_the_dense_reference(apply, backend, device):
     """Prefix slots as global tokens (propagation) and prefix keys / values (tuning) through the fused kernels:
-    the authors' formulation forward, and the same prefix gradients as the reference backend."""
-    model = build("LongformerModel")
-    prefix = apply(model, num_prefix=P, backend="triton")
+    the authors' formulation forward, and the same prefix gradients as the reference backend on the same device."""
+    skip_unless_runs(backend, device)
+    model = build("LongformerModel", head_dim=16 if backend == "cuda" else 8)  # the CUDA library's smallest is 16
+    prefix = apply(model, num_prefix=P, backend=backend)
     randomize(prefix)
     inputs = batch("LongformerModel")
     kind = {"propagation": prefix.prefix} if apply is apply_prefix_propagation else {
         "tuning": (prefix.prefix_key, prefix.prefix_value)}
     with torch.no_grad():
-        want, _ = reference(model, inputs, **kind)
+        want, _ = reference(model, inputs, **kind)  # on the CPU, where the dense reference builds its masks
+    model.to(device)
+    inputs = batch("LongformerModel", device=device)
     got = model(**inputs)
-    torch.testing.assert_close(got.last_hidden_state, want, atol=TOL, rtol=0)
+    torch.testing.assert_close(got.last_hidden_state.cpu(), want, atol=TOL, rtol=0)
     scalar_loss(got).backward()
     grads = {n: t.grad.clone() for n, t in prefix.named_parameters()}
     model.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_inputs, random_masks
+from helpers import make_inputs
 
 import prefix_kernels as pk
 from prefix_kernels.reference import dense_attention
@@ -40,8 +40,8 @@ def run_hf_and_ours(b, n, heads, head_dim, w, *, n_global, pad_max, seed):
     for p in module.parameters():  # unit-variance projections: scores of O(1) spread
         torch.nn.init.normal_(p, std=c**-0.5)
     x = torch.randn(b, n, c)
-    gen = torch.Generator().manual_seed(seed)
-    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=gen)
+    _, masks = make_inputs(b, n, 1, 1, n_global=n_global, pad=pad_max, mask_seed=seed)  # the masks only
+    is_global, pad = masks["is_global"], masks["key_padding_mask"]
     mask = hf_float_mask(is_global, pad)
     with torch.no_grad():
         expected = module(
@@ -107,9 +107,9 @@ def test_reference_matches_hf(b, n, heads, head_dim, w, n_global, pad_max):
     ],
 )
 def test_chunked_matches_dense(b, n, h, d, w, prefix, batch_prefix, n_global, pad_max):
-    inputs = random_inputs(b, n, h, d, prefix=prefix, batch_prefix=batch_prefix, dtype=torch.float64, seed=n)
-    is_global, pad = random_masks(b, n, n_global=n_global, pad_max=pad_max, generator=torch.Generator().manual_seed(w))
-    kw = dict(window=w, is_global=is_global, key_padding_mask=pad, **inputs)
+    inputs, masks = make_inputs(b, n, h, d, dtype=torch.float64, seed=n, prefix=prefix, batch_prefix=batch_prefix,
+                                n_global=n_global, pad=pad_max, mask_seed=w)
+    kw = dict(window=w, **masks, **inputs)
     dense = dense_attention(**kw)
     for chunk in (None, 5):
         args = pk.attention.check_inputs(**kw)
@@ -119,8 +119,8 @@ def test_chunked_matches_dense(b, n, h, d, w, prefix, batch_prefix, n_global, pa
 
 
 def test_prefix_changes_every_row_and_padding_rows_stay_zero():
-    inputs = random_inputs(2, 24, 2, 8, prefix=3, seed=3)
-    is_global, pad = random_masks(2, 24, n_global=(1, 2), pad_max=6, generator=torch.Generator().manual_seed(5))
+    inputs, masks = make_inputs(2, 24, 2, 8, seed=3, prefix=3, n_global=(1, 2), pad=6, mask_seed=5)
+    is_global, pad = masks["is_global"], masks["key_padding_mask"]
     base = {k: v for k, v in inputs.items() if not k.startswith("prefix")}
     with_prefix = ref(window=2, is_global=is_global, key_padding_mask=pad, **inputs)
     without = ref(window=2, is_global=is_global, key_padding_mask=pad, **base)
@@ -130,7 +130,7 @@ def test_prefix_changes_every_row_and_padding_rows_stay_zero():
 
 
 def test_gradcheck_all_inputs_fp64():
-    inputs = random_inputs(2, 11, 2, 3, prefix=2, dtype=torch.float64, requires_grad=True, seed=7)
+    inputs, _ = make_inputs(2, 11, 2, 3, dtype=torch.float64, seed=7, prefix=2, requires_grad=True)
     is_global = torch.zeros(2, 11, dtype=torch.bool)
     is_global[0, [0, 5]] = True
     is_global[1, 9] = True
@@ -150,7 +150,7 @@ def test_gradcheck_all_inputs_fp64():
 def test_fp16_all_padding_window_stays_finite():
     """HF gives NaN gradients here in fp16: a long padded tail and no global token in the row."""
     b, n, h, d, w = 2, 64, 2, 16, 4
-    inputs = random_inputs(b, n, h, d, dtype=torch.float16, requires_grad=True, seed=11)
+    inputs, _ = make_inputs(b, n, h, d, dtype=torch.float16, seed=11, requires_grad=True)
     pad = torch.zeros(b, n, dtype=torch.bool)
     pad[:, 20:] = True
     out = ref(inputs["q"], inputs["k"], inputs["v"], window=w, key_padding_mask=pad)
@@ -165,9 +165,9 @@ def test_fp16_all_padding_window_stays_finite():
 
 
 def test_dropout_zero_equals_no_dropout_and_seed_determinism():
-    inputs = random_inputs(2, 40, 2, 8, prefix=2, seed=21)
-    is_global, pad = random_masks(2, 40, n_global=(1, 3), pad_max=8, generator=torch.Generator().manual_seed(2))
-    kw = dict(window=4, is_global=is_global, key_padding_mask=pad, **inputs)
+    inputs, masks = make_inputs(2, 40, 2, 8, seed=21, prefix=2, n_global=(1, 3), pad=8, mask_seed=2)
+    pad = masks["key_padding_mask"]
+    kw = dict(window=4, **masks, **inputs)
     plain = ref(**kw)
     assert torch.equal(ref(**kw, dropout_p=0.0), plain)
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_dropout_zero_equals_no_dropout_and_seed_determinism():
 
 
 def test_dropout_preserves_expectation():
-    inputs = random_inputs(1, 24, 1, 4, prefix=1, seed=4)
+    inputs, _ = make_inputs(1, 24, 1, 4, seed=4, prefix=1)
     is_global = torch.zeros(1, 24, dtype=torch.bool)
     is_global[0, 3] = True
     kw = dict(window=3, is_global=is_global, **inputs)

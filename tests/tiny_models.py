@@ -58,13 +58,16 @@ LED_CLASSES = tuple(
 )
 
 
-def build(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A freshly initialized model of class `name` (e.g. "LongformerForSequenceClassification"), in eval mode."""
+def build(name: str, seed: int = 0, head_dim: int = 8, **overrides) -> torch.nn.Module:
+    """A freshly initialized model of class `name` (e.g. "LongformerForSequenceClassification"), in eval mode, with
+    4 heads of `head_dim` (the CUDA library is compiled for head dims 16-128)."""
     import transformers
 
     cls = getattr(transformers, name)
     if "QuestionAnswering" in name:
         overrides.setdefault("num_labels", 2)  # start and end logits
+    if head_dim != 8:
+        overrides.setdefault("d_model" if name.startswith("LED") else "hidden_size", 4 * head_dim)
     if name.startswith("LED"):
         config = transformers.LEDConfig(**{**LED, **overrides})
     else:
@@ -73,8 +76,8 @@ def build(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return cls(config).eval()
 
 
-def batch(name: str, b: int = 2, n: int = 45, seed: int = 0, choices: int = 2) -> dict:
-    """Inputs for model class `name`: row 1 padded at the tail, globals at different places per row."""
+def batch(name: str, b: int = 2, n: int = 45, seed: int = 0, choices: int = 2, device="cpu") -> dict:
+    """Inputs for model class `name` on `device`: row 1 padded at the tail, globals at different places per row."""
     g = torch.Generator().manual_seed(seed)
     lead = (b, choices) if "MultipleChoice" in name else (b,)
     ids = torch.randint(3, 64, (*lead, n), generator=g)
@@ -89,7 +92,7 @@ def batch(name: str, b: int = 2, n: int = 45, seed: int = 0, choices: int = 2) -
     out = {"input_ids": ids, "attention_mask": mask, "global_attention_mask": glob}
     if name.startswith("LED") and name != "LEDForSequenceClassification":
         out["decoder_input_ids"] = torch.randint(3, 64, (b, 7), generator=g)
-    return out
+    return {k: t.to(device) for k, t in out.items()}
 
 
 def main_output(out) -> torch.Tensor:
@@ -101,9 +104,10 @@ def main_output(out) -> torch.Tensor:
 
 
 def scalar_loss(out, seed: int = 0) -> torch.Tensor:
-    """A fixed random projection of the main output, so every output element gets a distinct gradient."""
+    """A fixed random projection of the main output, so every output element gets a distinct gradient (the same
+    projection on every device)."""
     y = main_output(out)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
     return (y * w).sum()
 
 
