@@ -149,21 +149,9 @@ def longformer_attention(
     Returns:
         `(B, N, H, D)` in `q.dtype`; padding rows and rows with no admissible key are 0.
     """
-    args = check_inputs(
-        q,
-        k,
-        v,
-        window=window,
-        is_global=is_global,
-        key_padding_mask=key_padding_mask,
-        q_global=q_global,
-        k_global=k_global,
-        v_global=v_global,
-        prefix_k=prefix_k,
-        prefix_v=prefix_v,
-        softmax_scale=softmax_scale,
-        dropout_p=dropout_p,
-    )
+    args = check_inputs(q, k, v, window=window, is_global=is_global, key_padding_mask=key_padding_mask,
+                        q_global=q_global, k_global=k_global, v_global=v_global, prefix_k=prefix_k, prefix_v=prefix_v,
+                        softmax_scale=softmax_scale, dropout_p=dropout_p)
     return _dispatch(args, backend)
 
 
@@ -196,17 +184,7 @@ def local_rows_attention(
     Returns:
         `(B, N, H, D)` in `q.dtype`; global, padding and key-less rows are 0.
     """
-    args = check_inputs(
-        q,
-        k,
-        v,
-        window=window,
-        is_global=is_global,
-        key_padding_mask=key_padding_mask,
-        prefix_k=prefix_k,
-        prefix_v=prefix_v,
-        softmax_scale=softmax_scale,
-        dropout_p=dropout_p,
-        local_rows_only=True,
-    )
+    args = check_inputs(q, k, v, window=window, is_global=is_global, key_padding_mask=key_padding_mask,
+                        prefix_k=prefix_k, prefix_v=prefix_v, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                        local_rows_only=True)
     return _dispatch(args, backend)

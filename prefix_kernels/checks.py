@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
+
+from .tensor_cache import TensorCache
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,25 +84,18 @@ def _check_mask(name: str, m, b: int, n: int, device: torch.device) -> torch.Ten
     return m
 
 
-_COMBINED: dict[tuple[int, int], tuple] = {}
+_COMBINED = TensorCache()
 
 
 def _global_without_padding(glob: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """`glob & ~pad`, the same tensor object for the same two masks (weakly cached, invalidated by in-place edits).
+    """`glob & ~pad`, the same tensor object for the same two masks (`tensor_cache`).
 
-    Every layer of a model passes the same two masks; returning one combined tensor lets the fused backends'
-    global-index cache (keyed on the tensor object) hit, so only the first layer reads the global count back.
+    Every layer of a model passes the same two masks; returning one combined tensor lets the global-index cache
+    (keyed on the tensor object) hit, so only the first layer reads the global count back.
     """
     if torch.compiler.is_compiling():
         return glob & ~pad
-    key = (id(glob), id(pad))
-    hit = _COMBINED.get(key)
-    if hit is not None and hit[0]() is glob and hit[1]() is pad and hit[2] == (glob._version, pad._version):
-        return hit[3]
-    combined = glob & ~pad
-    drop = lambda _, key=key: _COMBINED.pop(key, None)  # noqa: E731
-    _COMBINED[key] = (weakref.ref(glob, drop), weakref.ref(pad, drop), (glob._version, pad._version), combined)
-    return combined
+    return _COMBINED.get((glob, pad), lambda: glob & ~pad)
 
 
 def check_inputs(

@@ -51,11 +51,12 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .tensor_cache import TensorCache
 
 # Query rows per block: `min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2w))`. Smaller blocks waste fewer masked band entries
 # (useful fraction `(2w + 1) / (c + 2w)`), larger ones make larger matrix products: 64 was fastest at w = 64 and
@@ -170,23 +171,16 @@ def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _M
     return _Masks(band_bias, col_bias, dead, global_rows, global_valid)
 
 
-_MASK_CACHE: dict[tuple, tuple[list, _Masks]] = {}
-_MASK_CACHE_SIZE = 8
+_MASK_CACHE = TensorCache()
 
 
 def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
-    """`_masks`, reused while the same mask tensors come back unchanged: every layer of a model and every backward
-    pass sees the same `key_padding_mask` and (from `custom_op.global_index`'s cache) the same global index."""
-    tensors = [t for t in (key_padding_mask, global_idx, global_count) if t is not None]
-    key = (plan, dtype, *((id(t), t._version) for t in tensors))
-    hit = _MASK_CACHE.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
-        return hit[1]
-    masks = _masks(plan, key_padding_mask, global_idx, global_count, dtype)
-    if len(_MASK_CACHE) >= _MASK_CACHE_SIZE:
-        _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
-    _MASK_CACHE[key] = ([weakref.ref(t) for t in tensors], masks)
-    return masks
+    """`_masks`, reused while the same mask tensors come back unchanged (`tensor_cache`): every layer of a model and
+    every backward pass sees the same `key_padding_mask` and (from `custom_op.global_index`'s cache) the same global
+    index."""
+    sources = tuple(t for t in (key_padding_mask, global_idx, global_count) if t is not None)
+    return _MASK_CACHE.get(sources, lambda: _masks(plan, key_padding_mask, global_idx, global_count, dtype),
+                           extra=(plan, dtype))
 
 
 class _DropoutMasks:

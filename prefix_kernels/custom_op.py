@@ -36,13 +36,13 @@ backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, ke
 from __future__ import annotations
 
 import importlib
-import weakref
 
 import torch
 from torch import Tensor
 
 from .checks import AttentionArgs
 from .reference import global_positions
+from .tensor_cache import TensorCache
 
 _BACKEND_MODULES = {
     "triton": "prefix_kernels.triton_attention",
@@ -59,28 +59,24 @@ def _backend(name: str):
 # Compact global index, cached per `is_global` tensor
 # ------------------------------------------------------------------------------------------------------------
 
-_INDEX_CACHE: dict[int, tuple[weakref.ref, int, tuple]] = {}
+_INDEX_CACHE = TensorCache()
 
 
 def global_index(is_global: Tensor | None) -> tuple[Tensor | None, Tensor | None, int]:
     """`(global_idx (B, G) int32, global_count (B,) int32, G)` for a `(B, N)` bool mask; `(None, None, 0)` when no
     token is global.
 
-    `G` needs one host read. It is cached per tensor object and its `_version` (a weak reference, so the entry goes
-    away with the tensor): every layer of a model reuses one `is_global` without syncing again, and an in-place
-    edit of the mask invalidates the entry.
+    `G` needs one host read. It is cached per tensor object and its `_version` (`tensor_cache`): every layer of a
+    model reuses one `is_global` without syncing again, and an in-place edit of the mask invalidates the entry.
     """
     if is_global is None:
         return None, None, 0
-    key = id(is_global)
-    hit = _INDEX_CACHE.get(key)
-    if hit is not None and hit[0]() is is_global and hit[1] == is_global._version:
-        return hit[2]
-    order, counts, g = global_positions(is_global)
-    value = (None, None, 0) if g == 0 else (order.to(torch.int32).contiguous(), counts, g)
-    _INDEX_CACHE[key] = (weakref.ref(is_global, lambda _, key=key: _INDEX_CACHE.pop(key, None)), is_global._version,
-                         value)
-    return value
+
+    def build():
+        order, counts, g = global_positions(is_global)
+        return (None, None, 0) if g == 0 else (order.to(torch.int32).contiguous(), counts, g)
+
+    return _INDEX_CACHE.get((is_global,), build)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -59,11 +59,12 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from .tensor_cache import TensorCache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under the interpreter `_config` picks small tiles (fast on a CPU, many tile edges in short tests); tests clear
@@ -835,47 +836,38 @@ def _bwd_finalize_kernel(
 # Token tables, cached per mask tensor
 # ------------------------------------------------------------------------------------------------------------
 
-_TABLE_CACHE: dict[tuple, tuple] = {}
+_TABLE_CACHE = TensorCache()
 
 
 def _token_tables(key_padding_mask, global_idx, global_count, b: int, n: int, device):
     """`(KIND (B, N) int8, SPECIAL (B, N + 1) int32, SLOT (B, N) int32)` (see the module docstring), or `None` when
     every token is local.
 
-    Built with a few small torch ops, once per mask: cached on the identity and `_version` of `key_padding_mask`
-    and of the compact global index (itself cached per `is_global` tensor by `custom_op.global_index`), with weak
-    references, so every layer of a model reuses one set and an in-place edit of a mask rebuilds it."""
+    Built with a few small torch ops, once per mask (`tensor_cache`): keyed on `key_padding_mask` and the compact
+    global index (itself cached per `is_global` tensor by `custom_op.global_index`), so every layer of a model
+    reuses one set and an in-place edit of a mask rebuilds it."""
     if key_padding_mask is None and global_idx is None:
         return None
+
+    def build():
+        kind = torch.zeros(b, n + 1, dtype=torch.int8, device=device)
+        slot = torch.full((b, n + 1), -1, dtype=torch.int32, device=device)
+        if global_idx is not None:
+            g = global_idx.shape[1]
+            slots = torch.arange(g, dtype=torch.int32, device=device)
+            # Unused entries of the compact index all go to the spare column `n`, dropped below.
+            target = torch.where(slots[None, :] < global_count[:, None], global_idx.long(), n)
+            kind.scatter_(1, target, KIND_GLOBAL.value)
+            slot.scatter_(1, target, slots.expand(b, g).contiguous())
+        kind = kind[:, :n]
+        if key_padding_mask is not None:
+            kind = kind.masked_fill(key_padding_mask, KIND_PAD.value)
+        special = torch.zeros(b, n + 1, dtype=torch.int32, device=device)
+        special[:, 1:] = torch.cumsum(kind != KIND_LOCAL.value, 1)
+        return kind.contiguous(), special, slot[:, :n].contiguous()
+
     sources = tuple(t for t in (key_padding_mask, global_idx, global_count) if t is not None)
-    key = tuple(id(t) for t in sources)
-    versions = tuple(t._version for t in sources)
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], sources, strict=True)) and hit[1] == versions:
-        return hit[2]
-    kind = torch.zeros(b, n + 1, dtype=torch.int8, device=device)
-    slot = torch.full((b, n + 1), -1, dtype=torch.int32, device=device)
-    if global_idx is not None:
-        g = global_idx.shape[1]
-        slots = torch.arange(g, dtype=torch.int32, device=device)
-        # Unused entries of the compact index all go to the spare column `n`, dropped below.
-        target = torch.where(slots[None, :] < global_count[:, None], global_idx.long(), n)
-        kind.scatter_(1, target, KIND_GLOBAL.value)
-        slot.scatter_(1, target, slots.expand(b, g).contiguous())
-    kind = kind[:, :n]
-    if key_padding_mask is not None:
-        kind = kind.masked_fill(key_padding_mask, KIND_PAD.value)
-    special = torch.zeros(b, n + 1, dtype=torch.int32, device=device)
-    special[:, 1:] = torch.cumsum(kind != KIND_LOCAL.value, 1)
-    tables = (kind.contiguous(), special, slot[:, :n].contiguous())
-
-    def evict(_, key=key):
-        entry = _TABLE_CACHE.get(key)
-        if entry is not None and any(r() is None for r in entry[0]):
-            del _TABLE_CACHE[key]
-
-    _TABLE_CACHE[key] = (tuple(weakref.ref(t, evict) for t in sources), versions, tables)
-    return tables
+    return _TABLE_CACHE.get(sources, build, extra=(b, n, str(device)))
 
 
 # ------------------------------------------------------------------------------------------------------------
