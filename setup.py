@@ -1,7 +1,7 @@
 """Build script: compiles `csrc/*.cu` into a torch-free shared library when `nvcc` is available.
 
 The library exposes `extern "C"` launchers that take raw device pointers and a CUDA stream; Python loads it
-with `ctypes` (see `prefix_kernels/cuda_attention.py`). It needs no torch headers, so it builds in seconds,
+with `ctypes` (see `prefix_kernels/backends/cuda.py`). It needs no torch headers, so it builds in seconds,
 works under pip's build isolation, and loads under any installed torch.
 
 Environment:

@@ -171,7 +171,7 @@ def peak_extra_bytes(fn, device: torch.device, before=None) -> int | None:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
     try:
-        from prefix_kernels.memory import peak_memory
+        from prefix_kernels.cli.memory import peak_memory
 
         with peak_memory(device) as mem:
             fn()

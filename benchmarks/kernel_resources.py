@@ -6,7 +6,7 @@ tile.
                                           [--dropout 0.1] [--fp32-precision highest|high] [--json out.json]
                                           [--no-sass]
 
-The real launchers `prefix_kernels.triton_attention.forward` / `backward` run on small CPU tensors with global
+The real launchers `prefix_kernels.backends.triton.launch.forward` / `backward` run on small CPU tensors with global
 tokens, prefix keys, padding and (optionally) dropout, once with the global projections and once without them (local
 rows only, rows marked `local`), so every kernel is specialized exactly as a GPU call specializes it and built with
 the GPU tile configuration; Triton compiles each launch down to a cubin and does not
@@ -53,7 +53,10 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when not installed
 
-from prefix_kernels import triton_attention as ta  # noqa: E402
+from prefix_kernels.backends.triton import launch as ta  # noqa: E402
+
+# The Triton backend's source files: a loop is named after the Python `for` it compiles from, in any of them.
+SOURCES = sorted(str(p) for p in Path(ta.__file__).parent.glob("*.py"))
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = ("_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
@@ -128,16 +131,18 @@ def _disassemble(cubin: bytes) -> list[tuple[str, str | None, tuple]]:
     return [(ins, label, inner + outer) for (ins, label, inner), (_, _, outer) in zip(*listings, strict=True)]
 
 
-def _for_loops(path: str) -> list[tuple[int, int, str, str]]:
-    """`(first line, last line, enclosing function, source of the for line)` of every `for` in a Python file."""
-    tree = ast.parse(Path(path).read_text())
-    lines = Path(path).read_text().splitlines()
+def _for_loops(paths: list[str]) -> list[tuple[str, int, int, str, str]]:
+    """`(file, first line, last line, enclosing function, source of the for line)` of every `for` in the Python
+    files `paths`."""
     loops = []
-    for fn in ast.walk(tree):
-        if isinstance(fn, ast.FunctionDef):
-            for node in ast.walk(fn):
-                if isinstance(node, ast.For):
-                    loops.append((node.lineno, node.end_lineno, fn.name, lines[node.lineno - 1].strip()))
+    for path in paths:
+        text = Path(path).read_text()
+        lines = text.splitlines()
+        for fn in ast.walk(ast.parse(text)):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.For):
+                        loops.append((path, node.lineno, node.end_lineno, fn.name, lines[node.lineno - 1].strip()))
     return loops
 
 
@@ -171,12 +176,12 @@ def _path_lengths(body: list[str]) -> tuple[int, int]:
     return int(short[-1]) + last, int(long_[-1]) + last
 
 
-def sass_per_tile(cubin: bytes, source: str) -> list[dict]:
+def sass_per_tile(cubin: bytes, sources: list[str]) -> list[dict]:
     """One row per SASS loop of a kernel: its Python `for` (`function:line`), the helper call it sits in, and the
     instructions per warp of an interior and of an edge tile (see the module docstring)."""
     ins = _disassemble(cubin)
     at_label = {label: i for i, (_, label, _) in enumerate(ins) if label}
-    loops = _for_loops(source)
+    loops = _for_loops(sources)
     spans = []
     for end, (text, _, _) in enumerate(ins):
         m = _BRANCH.match(text)
@@ -192,26 +197,26 @@ def sass_per_tile(cubin: bytes, source: str) -> list[dict]:
         # holds an innermost line (the chain is partial: an inlined helper's loop is covered by its caller's loop
         # too, through the call line).
         for depth in (1, None):
-            hits = [(sum(any(f == source and lo <= ln <= hi for f, ln in chain[:depth]) for _, _, chain in body),
-                     lo, hi, fn, line) for lo, hi, fn, line in loops]
+            hits = [(sum(any(f == src and lo <= ln <= hi for f, ln in chain[:depth]) for _, _, chain in body),
+                     src, lo, hi, fn, line) for src, lo, hi, fn, line in loops]
             most = max((h[0] for h in hits), default=0)
             if most:
                 break
         if most == 0:
             continue
         # The innermost `for` that covers at least half as much as the best.
-        best = min((h for h in hits if 2 * h[0] >= most), key=lambda h: h[2] - h[1])[1:]
+        best = min((h for h in hits if 2 * h[0] >= most), key=lambda h: h[3] - h[2])[1:]
         # The call site just outside the loop's function, when the loop sits in an inlined helper.
         via = Counter()
         for _, _, chain in body:
-            inside = [k for k, (f, ln) in enumerate(chain) if f == source and best[0] <= ln <= best[1]]
+            inside = [k for k, (f, ln) in enumerate(chain) if f == best[0] and best[1] <= ln <= best[2]]
             if inside and inside[0] + 1 < len(chain):
                 via[chain[inside[0] + 1][1]] += 1
         interior, edge = _path_lengths([(t, lab) for t, lab, _ in body])
-        name = f"{best[2]}:{best[0]}" + (f" via {via.most_common(1)[0][0]}" if via else "")
+        name = f"{best[3]}:{best[1]}" + (f" via {via.most_common(1)[0][0]}" if via else "")
         # The same loop inlined twice through the same call line: number the copies in code order.
         copies = sum(r["loop"].split(" #")[0] == name for r in rows)
-        rows.append(dict(loop=name + (f" #{copies + 1}" if copies else ""), code=best[3], interior=interior,
+        rows.append(dict(loop=name + (f" #{copies + 1}" if copies else ""), code=best[4], interior=interior,
                          edge=edge))
     return rows
 
@@ -273,7 +278,7 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
                                kernel=name, warps=md.num_warps, stages=md.num_stages, shared=md.shared,
                                **_resources(kernel.asm["cubin"]))
                     if sass:
-                        row["loops"] = sass_per_tile(kernel.asm["cubin"], ta.__file__)
+                        row["loops"] = sass_per_tile(kernel.asm["cubin"], SOURCES)
                     rows.append(row)
     finally:
         JITFunction.run = run

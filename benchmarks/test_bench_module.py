@@ -31,7 +31,7 @@ def _patch(model: torch.nn.Module, provider: str) -> dict:
         return {"backend": "hf eager"}
     try:
         import prefix_kernels as pk
-        from prefix_kernels.patching import is_patched
+        from prefix_kernels.hf.patching import is_patched
     except ImportError as exc:
         pytest.skip(f"prefix_kernels.patch_longformer unavailable: {exc}")
     why = pk.available_backends().get(provider)

@@ -27,7 +27,7 @@ from prefix_kernels.attention import BACKEND_ORDER
 
 def build_model(seq_len: int, num_prefix: int, backend: str, seed: int = 0) -> torch.nn.Module:
     """The same random classifier with prefix-propagation on every rank (same seed)."""
-    from prefix_kernels.demo import tiny_classifier
+    from prefix_kernels.cli.demo import tiny_classifier
 
     torch.manual_seed(seed)
     # No dropout: a run on N processes then reaches exactly the weights of one process on the global batch
@@ -39,7 +39,7 @@ def build_model(seq_len: int, num_prefix: int, backend: str, seed: int = 0) -> t
 
 def global_batch(step: int, size: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Step `step`'s global batch of the demo's task: the same on every rank, each takes its slice."""
-    from prefix_kernels.demo import make_task
+    from prefix_kernels.cli.demo import make_task
 
     return make_task(size, seq_len, 12, torch.Generator().manual_seed(1000 + step))
 

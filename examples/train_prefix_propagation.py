@@ -106,7 +106,7 @@ def load_real_task(args) -> tuple[dict, int]:
 
 def synthetic_task(args) -> tuple[dict, int]:
     """The demo's long-document task (`prefix_kernels.demo.make_task`): 2 classes, no download."""
-    from prefix_kernels.demo import make_task
+    from prefix_kernels.cli.demo import make_task
 
     g = torch.Generator().manual_seed(args.seed)
     sizes = {"train": args.synthetic_docs, "validation": 64, "test": 64}
@@ -121,7 +121,7 @@ def build_model(args, num_classes: int):
 
     if not args.synthetic:
         return transformers.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_classes)
-    from prefix_kernels.demo import tiny_classifier
+    from prefix_kernels.cli.demo import tiny_classifier
 
     # HF's default dropout (0.1), as in fine-tuning.
     return tiny_classifier(args.max_length + args.num_prefix, num_labels=num_classes, dropout=0.1)

@@ -1,8 +1,10 @@
 """prefix_kernels: fused Longformer attention (sliding window + global tokens + prefix keys/values).
 
-`longformer_attention` is the op; `patch_longformer` swaps it into Hugging Face Longformer / LED encoder
-self-attention; `apply_prefix_propagation` / `apply_prefix_tuning` add the parameter-efficient prefixes.
-The Hugging Face glue is imported lazily, so `import prefix_kernels` does not import transformers.
+The public API, and only that: `longformer_attention` is the op (`attention.py`); `patch_longformer` swaps it into
+Hugging Face Longformer / LED encoder self-attention (`hf/`); `apply_prefix_propagation` / `apply_prefix_tuning` add
+the parameter-efficient prefixes (`prefix/`). The package is layered, each layer importing only those below it:
+`core` <- `backends` <- `attention` <- `hf` <- `prefix` <- `cli`. The Hugging Face layers are imported lazily, so
+`import prefix_kernels` does not import transformers.
 """
 
 from .attention import auto_skips, available_backends, longformer_attention
@@ -10,11 +12,11 @@ from .attention import auto_skips, available_backends, longformer_attention
 __version__ = "0.1.0"
 
 _LAZY = {
-    "patch_longformer": "patching",
-    "unpatch_longformer": "patching",
-    "patch_longformer_classes": "patching",
-    "unpatch_longformer_classes": "patching",
-    "is_patched": "patching",
+    "patch_longformer": "hf.patching",
+    "unpatch_longformer": "hf.patching",
+    "patch_longformer_classes": "hf.patching",
+    "unpatch_longformer_classes": "hf.patching",
+    "is_patched": "hf.patching",
     "apply_prefix_propagation": "prefix",
     "apply_prefix_tuning": "prefix",
     "save_prefix": "prefix",
@@ -31,6 +33,9 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        # The prefix layer registers its checkpoint check with the patching layer when imported: load it with any
+        # Hugging Face name, so a patched model built from a prefix checkpoint always gets the warning.
+        importlib.import_module(".prefix", __name__)
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(module, name)
     raise AttributeError(f"module 'prefix_kernels' has no attribute {name!r}")

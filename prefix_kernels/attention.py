@@ -1,58 +1,66 @@
-"""The public op `longformer_attention` and its per-call backend dispatch.
+"""The public op `longformer_attention`, the one backend registry, and the per-call dispatch.
 
-Each backend is a module with three functions:
+Backends (`backends/`) are loaded lazily by name from `BACKEND_ORDER`; a fused backend's launchers are handed to
+the shared custom op (`core.custom_op.register_launchers`) when it is loaded, so nothing below this module imports
+a backend. Each backend says why it cannot run here (`unavailable_reason`) or cannot serve a call
+(`cannot_serve`); `available_backends()` reports the first.
 
-* `unavailable_reason() -> str | None`: why it cannot run on this machine at all (cached by the caller);
-* `cannot_serve(args: AttentionArgs) -> str | None`: why it cannot serve this particular call;
-* `attention(args: AttentionArgs) -> Tensor`: the result, `(B, N, H, D)` in `q.dtype`.
+Dispatch, per call (`_dispatch`):
 
-`backend="auto"` takes the first of `BACKEND_ORDER` that can serve the call, except a backend that only emulates
-its kernels (Triton's interpreter, `TRITON_INTERPRET=1`: thousands of times slower than the reference backend); an
-explicit backend that cannot serve raises `ValueError` with the reason, and an explicit `"triton"` still runs the
-interpreter. `PREFIX_KERNELS_BACKEND` overrides the `backend` argument.
+* while an exporter traces (`torch.export`, `torch.onnx.export`): the export formulation `core.static`, standard
+  ops with shapes that follow from the input shapes alone;
+* else the backend: an explicit one that cannot serve raises `ValueError` with the reason; `"auto"` takes the first
+  of `BACKEND_ORDER` that can, except a backend that only emulates its kernels (Triton's interpreter,
+  `TRITON_INTERPRET=1`: thousands of times slower than the reference backend, so `auto` never picks it; an explicit
+  `"triton"` runs it). `PREFIX_KERNELS_BACKEND` overrides the `backend` argument;
+* under `torch.compile` the reference backend, which sizes its tensors by a host read of the global count, runs
+  eagerly between two graphs (a graph break; `fullgraph=True` needs a fused backend).
 
 `local_rows_attention` is the same dispatch for an internal mode (`AttentionArgs.local_rows_only`): the local rows
-alone, for the patched HF module that computes the global rows from the hidden states (`patching.py`); a backend
-that cannot serve it says so in `cannot_serve`.
+alone, for the patched HF module that computes the global rows from the hidden states (`core/global_rows.py`).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from types import ModuleType
 
 import torch
 
-from .checks import AttentionArgs, check_inputs
+from .core.checks import AttentionArgs, check_inputs
+from .core.custom_op import fused_attention, register_launchers
+from .core.static import is_exporting, static_attention
 
 # `auto` order, fastest first, as measured (BENCHMARKS.md): on a GPU the Triton kernels ahead of the CUDA library;
 # on a CPU the `cpu` backend (block-batched matmuls) for fp32/bf16/fp16; `reference` (the readable statement of the
 # semantics) last, for everything else (fp64, any device).
 BACKEND_ORDER = ("triton", "cuda", "cpu", "reference")
-_BACKEND_MODULES = {
-    "cuda": "prefix_kernels.cuda_attention",
-    "triton": "prefix_kernels.triton_attention",
-    "cpu": "prefix_kernels.cpu_attention",
-    "reference": "prefix_kernels.reference",
-}
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
+_BACKEND_MODULES = {
+    "triton": "prefix_kernels.backends.triton",
+    "cuda": "prefix_kernels.backends.cuda",
+    "cpu": "prefix_kernels.backends.cpu",
+    "reference": "prefix_kernels.backends.reference",
+}
+
+_MODULES: dict[str, tuple[ModuleType | None, str | None]] = {}
+_REASONS: dict[str, str | None] = {}
 
 
-_MODULES: dict[str, tuple] = {}
-
-
-def _load(name: str):
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
     """The backend module, or the reason it cannot be imported (a plain dict lookup once `_unavailable` ran, so
-    torch.compile traces it)."""
+    torch.compile traces it). A fused backend's launchers are registered with the custom op here."""
     if name not in _MODULES:
         try:
-            _MODULES[name] = (importlib.import_module(_BACKEND_MODULES[name]), None)
+            module = importlib.import_module(_BACKEND_MODULES[name])
         except Exception as exc:  # a missing optional dependency (triton) or a broken build
             _MODULES[name] = (None, f"import failed: {type(exc).__name__}: {exc}")
+        else:
+            if not hasattr(module, "attention"):
+                register_launchers(name, module.forward, module.backward)
+            _MODULES[name] = (module, None)
     return _MODULES[name]
-
-
-_REASONS: dict[str, str | None] = {}
 
 
 # Evaluated eagerly (importing the backend) even while torch.compile traces: dynamo cannot trace importlib.
@@ -88,6 +96,13 @@ def auto_skips() -> dict[str, str]:
     return {name: why for name, why in reasons.items() if why is not None}
 
 
+def check_backend_name(backend: str) -> str:
+    """`backend` itself when it names a backend or "auto"; else a `ValueError` listing the choices."""
+    if backend not in ("auto", *BACKEND_ORDER):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_ORDER))}; got {backend!r}")
+    return backend
+
+
 def _why_not(name: str, args: AttentionArgs) -> str | None:
     why = _unavailable(name)
     if why is not None:
@@ -98,9 +113,7 @@ def _why_not(name: str, args: AttentionArgs) -> str | None:
 
 def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
     """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
-    backend = os.environ.get(ENV_VAR) or backend
-    if backend not in ("auto", *BACKEND_ORDER):
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKEND_ORDER))}; got {backend!r}")
+    backend = check_backend_name(os.environ.get(ENV_VAR) or backend)
     if backend != "auto":
         why = _why_not(backend, args)
         if why is not None:
@@ -113,6 +126,15 @@ def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
             return name
         reasons[name] = why
     raise ValueError(f"no backend can serve this call: {reasons}")
+
+
+def resolve_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str = "auto") -> str:
+    """The backend a plain call (a few tokens, one global) on `device` tensors of `dtype` gets: what `auto`, or the
+    named `backend`, picks there (`ValueError` when the named one cannot serve it)."""
+    x = torch.zeros(1, 64, 4, 16, device=device, dtype=dtype)
+    glob = torch.zeros(1, 64, dtype=torch.bool, device=device)
+    args = check_inputs(x, x, x, window=16, is_global=glob, q_global=x, k_global=x, v_global=x)
+    return select_backend(args, backend)
 
 
 def longformer_attention(
@@ -132,7 +154,8 @@ def longformer_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Longformer self-attention: sliding window + global tokens + prefix keys/values (semantics: `reference`).
+    """Longformer self-attention: sliding window + global tokens + prefix keys/values (semantics:
+    `core/reference.py`).
 
     Args:
         q, k, v: `(B, N, H, D)` local projections; `q` is not pre-scaled.
@@ -149,15 +172,10 @@ def longformer_attention(
     Returns:
         `(B, N, H, D)` in `q.dtype`; padding rows and rows with no admissible key are 0.
     """
-    args = check_inputs(q, k, v, window=window, is_global=is_global, key_padding_mask=key_padding_mask,
-                        q_global=q_global, k_global=k_global, v_global=v_global, prefix_k=prefix_k, prefix_v=prefix_v,
-                        softmax_scale=softmax_scale, dropout_p=dropout_p)
-    return _dispatch(args, backend)
-
-
-def _dispatch(args: AttentionArgs, backend: str) -> torch.Tensor:
-    module, _ = _load(select_backend(args, backend))
-    return module.attention(args)
+    call = dict(window=window, is_global=is_global, key_padding_mask=key_padding_mask, q_global=q_global,
+                k_global=k_global, v_global=v_global, prefix_k=prefix_k, prefix_v=prefix_v,
+                softmax_scale=softmax_scale, dropout_p=dropout_p)
+    return _dispatch(q, k, v, call, backend)
 
 
 def local_rows_attention(
@@ -175,7 +193,7 @@ def local_rows_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """The local rows of `longformer_attention` alone (internal: the patched HF module computes the global rows
-    itself, from the hidden states, see `patching.py`).
+    itself, from the hidden states, see `core/global_rows.py`).
 
     Same arguments as `longformer_attention` without the global projections. Global tokens (`is_global`) are still
     the global keys of every local query, through the local `k, v`; the global rows themselves are not computed:
@@ -184,7 +202,27 @@ def local_rows_attention(
     Returns:
         `(B, N, H, D)` in `q.dtype`; global, padding and key-less rows are 0.
     """
-    args = check_inputs(q, k, v, window=window, is_global=is_global, key_padding_mask=key_padding_mask,
-                        prefix_k=prefix_k, prefix_v=prefix_v, softmax_scale=softmax_scale, dropout_p=dropout_p,
-                        local_rows_only=True)
-    return _dispatch(args, backend)
+    call = dict(window=window, is_global=is_global, key_padding_mask=key_padding_mask, prefix_k=prefix_k,
+                prefix_v=prefix_v, softmax_scale=softmax_scale, dropout_p=dropout_p, local_rows_only=True)
+    return _dispatch(q, k, v, call, backend)
+
+
+def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict, backend: str) -> torch.Tensor:
+    args = check_inputs(q, k, v, **call)
+    if is_exporting():
+        return static_attention(args)
+    name = select_backend(args, backend)
+    if name == "reference" and torch.compiler.is_compiling():
+        return _reference_outside_the_graph(q, k, v, call)
+    module, _ = _load(name)
+    if hasattr(module, "attention"):
+        return module.attention(args)
+    return fused_attention(args, name)
+
+
+@torch.compiler.disable
+def _reference_outside_the_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict) -> torch.Tensor:
+    """The reference backend under `torch.compile`: it sizes its tensors by the global count (a host read), a
+    data-dependent size inductor cannot lower, so it runs eagerly between two graphs."""
+    module, _ = _load("reference")
+    return module.attention(check_inputs(q, k, v, **call))

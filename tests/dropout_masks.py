@@ -1,5 +1,5 @@
 """The Triton kernels' dropout bits, two ways: an independent NumPy Philox4x32-10 of the documented scheme, and a
-small kernel that calls `triton_attention._dropout_keep` (either form) so tests can compare the two.
+small kernel that calls `triton_common._dropout_keep` (either form) so tests can compare the two.
 
 Scheme (`prefix_kernels/triton_attention.py`): element (query `i`, key position `j`) of batch-head `bh` is kept
 when the uniform float of word `j % 4` of Philox4x32-10(key = seed, counter = (j // 4, i, bh, 0)) is `>= p`.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prefix_kernels import triton_attention
+from prefix_kernels.backends.triton import common as triton_common
 
 _M32 = np.uint64(0xFFFFFFFF)
 
@@ -41,10 +41,10 @@ def _keep_mask_kernel(OUT, COLS, seed, dropout_p, n_cols, TILE: tl.constexpr, BL
     bh = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     if TILE:
-        keep = triton_attention._dropout_keep(seed, bh, offs, tl.load(COLS), dropout_p, COLS_TILE=True, NCOLS=BLOCK)
+        keep = triton_common._dropout_keep(seed, bh, offs, tl.load(COLS), dropout_p, COLS_TILE=True, NCOLS=BLOCK)
     else:
         cols = tl.load(COLS + offs, mask=offs < n_cols, other=0)
-        keep = triton_attention._dropout_keep(seed, bh, offs, cols, dropout_p, COLS_TILE=False, NCOLS=BLOCK)
+        keep = triton_common._dropout_keep(seed, bh, offs, cols, dropout_p, COLS_TILE=False, NCOLS=BLOCK)
     tl.store(OUT + bh * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], keep.to(tl.int8))
 
 

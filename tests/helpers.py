@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from prefix_kernels.reference import dense_attention
+from prefix_kernels.core.reference import dense_attention
 
 # The inputs of `longformer_attention` that get a gradient, in the order of the fused ops' backward.
 GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")

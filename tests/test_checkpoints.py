@@ -13,7 +13,7 @@ from tiny_models import batch, build, main_output
 transformers = pytest.importorskip("transformers")
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels.patching import PREFIX_CONFIG_KEY  # noqa: E402
+from prefix_kernels.prefix.base import PREFIX_CONFIG_KEY  # noqa: E402
 
 P = 4
 CLASSIFIER = "LongformerForSequenceClassification"

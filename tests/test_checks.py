@@ -8,7 +8,7 @@ from helpers import make_inputs
 
 import prefix_kernels as pk
 from prefix_kernels.attention import select_backend
-from prefix_kernels.checks import check_inputs
+from prefix_kernels.core.checks import check_inputs
 
 
 def base(b=2, n=10, h=2, d=4, **over):

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels.patching import patch_longformer  # noqa: E402
+from prefix_kernels.hf.patching import patch_longformer  # noqa: E402
 
 
 def _device(backend: str) -> str:

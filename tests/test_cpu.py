@@ -23,10 +23,12 @@ import torch
 from helpers import check_against_reference, make_inputs, op, random_like, run_with_grads
 
 import prefix_kernels as pk
-from prefix_kernels import cpu_attention, custom_op, reference
 from prefix_kernels.attention import select_backend
-from prefix_kernels.checks import check_inputs
-from prefix_kernels.reference import dense_attention
+from prefix_kernels.backends import cpu as cpu_attention
+from prefix_kernels.core import custom_op, reference
+from prefix_kernels.core.checks import check_inputs
+from prefix_kernels.core.masks import global_index
+from prefix_kernels.core.reference import dense_attention
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -102,7 +104,7 @@ def _documented_keep_masks(x, masks, window, p, seed):
     `seed + 1`."""
     b, n, h, d = x["q"].shape
     prefix = x["prefix_k"].shape[-3] if "prefix_k" in x else 0
-    gidx, gcnt, g = custom_op.global_index(masks["is_global"])
+    gidx, gcnt, g = global_index(masks["is_global"])
     plan = cpu_attention._plan(x["q"], window, g, prefix)
     c, band = plan.block, plan.band
     local = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
@@ -200,7 +202,7 @@ def test_memory_stays_linear_in_n(mode):
     """Measured inside the custom op (the CPU tracker runs the package's ops under its mode): no allocation
     reaches a quarter of one `(B, H, N, 2w + 1 + G + P)` fp32 band-score tensor and the peak (the eight input
     gradients included) stays below three of them; one `N x N` fp32 score tensor would be 40x that bound."""
-    from prefix_kernels.memory import peak_memory
+    from prefix_kernels.cli.memory import peak_memory
 
     b, n, h, d, w, g, p = 1, 16384, 2, 16, 64, 3, 4
     x, masks = make_inputs(b, n, h, d, prefix=p, n_global=g, pad={0: range(n - n // 16, n)},

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from prefix_kernels import attention, cuda_attention
-from prefix_kernels.checks import check_inputs
+from prefix_kernels import attention
+from prefix_kernels.backends import cuda as cuda_attention
+from prefix_kernels.core.checks import check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,9 @@ from helpers import (
     skip_unless_runs,
 )
 
-from prefix_kernels import cuda_attention
-from prefix_kernels.reference import dense_attention, global_positions
+from prefix_kernels.backends import cuda as cuda_attention
+from prefix_kernels.core.masks import global_positions
+from prefix_kernels.core.reference import dense_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_outputs")]
 

@@ -14,10 +14,10 @@ pytest.importorskip("transformers")
 from helpers import make_inputs  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels.checks import check_inputs  # noqa: E402
-from prefix_kernels.export import static_attention  # noqa: E402
-from prefix_kernels.patching import patch_longformer  # noqa: E402
-from prefix_kernels.reference import dense_attention  # noqa: E402
+from prefix_kernels.core.checks import check_inputs  # noqa: E402
+from prefix_kernels.core.reference import dense_attention  # noqa: E402
+from prefix_kernels.core.static import static_attention  # noqa: E402
+from prefix_kernels.hf.patching import patch_longformer  # noqa: E402
 
 NAMES = ("input_ids", "attention_mask", "global_attention_mask")
 METHODS = {

@@ -1,8 +1,8 @@
 """Global rows computed from the hidden states, and the op's local-rows-only mode behind them.
 
 With few global tokens (`2 * G <= D`) the patched module computes the global rows straight from the hidden states
-(`patching._global_rows_from_hidden`) and the op the local rows only (`attention.local_rows_attention`), so
-`key_global` / `value_global` never project the whole sequence. Checked here:
+(`core/global_rows.py`, through `hf/self_attention.py`) and the op the local rows only
+(`attention.local_rows_attention`), so `key_global` / `value_global` never project the whole sequence. Checked here:
 
 * the local-rows-only op of every backend that runs on a CPU (`reference`, `cpu`, `triton` under the interpreter)
   against the dense reference with the global rows zeroed: output and every local gradient;
@@ -29,10 +29,13 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels import cpu_attention, cuda_attention, patching, triton_attention  # noqa: E402
 from prefix_kernels.attention import local_rows_attention, select_backend  # noqa: E402
-from prefix_kernels.checks import check_inputs  # noqa: E402
-from prefix_kernels.reference import dense_attention  # noqa: E402
+from prefix_kernels.backends import cuda as cuda_attention  # noqa: E402
+from prefix_kernels.backends import triton as triton_attention  # noqa: E402
+from prefix_kernels.core.checks import check_inputs  # noqa: E402
+from prefix_kernels.core.reference import dense_attention  # noqa: E402
+from prefix_kernels.hf import patching  # noqa: E402
+from prefix_kernels.hf import self_attention as fused_module  # noqa: E402
 
 LOCAL_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -44,8 +47,7 @@ CPU_BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.ski
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Outputs of the fused backends start as NaN: a global row left unwritten fails every comparison."""
-    monkeypatch.setattr(cpu_attention, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(triton_attention, "POISON_OUTPUTS", True)
+    monkeypatch.setenv("PREFIX_KERNELS_POISON", "1")
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def paths(monkeypatch):
     """Counts the calls of each way of computing the global rows: `direct` (from the hidden states) and `fused`
     (through the global projections and the op)."""
     counts = {"direct": 0, "fused": 0}
-    direct, fused = patching._global_rows_from_hidden, patching._global_rows_projection
+    direct, fused = fused_module.global_rows_from_hidden, fused_module._global_rows_projection
 
     def count_direct(*args, **kwargs):
         counts["direct"] += 1
@@ -63,8 +65,8 @@ def paths(monkeypatch):
         counts["fused"] += 1
         return fused(*args, **kwargs)
 
-    monkeypatch.setattr(patching, "_global_rows_from_hidden", count_direct)
-    monkeypatch.setattr(patching, "_global_rows_projection", count_fused)
+    monkeypatch.setattr(fused_module, "global_rows_from_hidden", count_direct)
+    monkeypatch.setattr(fused_module, "_global_rows_projection", count_fused)
     return counts
 
 
@@ -219,8 +221,8 @@ def hf_mask(glob, pad, dtype):
 def module_run(module, x, kwargs, grad_out, **extra):
     """Output and the gradients of `x` and of every parameter, by name."""
     x = x.detach().requires_grad_()
-    if isinstance(module, patching._FusedSelfAttention) and extra:
-        out = patching.fused_self_attention(module, x, **kwargs, **extra)
+    if isinstance(module, fused_module._FusedSelfAttention) and extra:
+        out = fused_module.fused_self_attention(module, x, **kwargs, **extra)
     else:
         (out,) = module(x, **kwargs)
     names = [name for name, _ in module.named_parameters()]
@@ -357,7 +359,7 @@ def test_layer_head_mask_scales_global_and_local_rows(paths, monkeypatch):
     want = module_run(hf, x, kwargs, grad_out * scale)
     want = (want[0] * scale, want[1])
     assert_same(module_run(ours, x, kwargs, grad_out, layer_head_mask=head_mask), want, torch.float32)
-    monkeypatch.setattr(patching, "_global_rows_from_hidden_pays", lambda g, d: False)
+    monkeypatch.setattr(fused_module, "pays", lambda g, d: False)
     assert_same(module_run(ours, x, kwargs, grad_out, layer_head_mask=head_mask), want, torch.float32)
     assert paths == {"direct": 1, "fused": 1}
 
@@ -404,7 +406,7 @@ def test_prefix_tuning_module_matches_dense_oracle(paths, dtype):
     x = torch.randn(2, 40, 64, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     grad_out = torch.randn(2, 40, 64, generator=g, dtype=torch.float64).to(dtype)
     leaves = [x, pk_, pv_, *ours.parameters()]
-    got = patching.fused_self_attention(ours, x, **hf_mask(glob, pad, dtype))
+    got = fused_module.fused_self_attention(ours, x, **hf_mask(glob, pad, dtype))
     want = dense_oracle(ours, x, glob, pad, pk_, pv_)
     assert_close(got, want, dtype, "output")
     for i, (a, w) in enumerate(zip(torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves,
@@ -441,7 +443,7 @@ def test_models_match_the_fused_global_rows_in_fp64(paths, monkeypatch, method, 
     got, got_grads = model_run(model, inputs)
     layers = model.config.num_hidden_layers if name.startswith("Longformer") else model.config.encoder_layers
     assert paths == {"direct": layers, "fused": 0}
-    monkeypatch.setattr(patching, "_global_rows_from_hidden_pays", lambda g, d: False)
+    monkeypatch.setattr(fused_module, "pays", lambda g, d: False)
     want, want_grads = model_run(model, inputs)
     assert paths == {"direct": layers, "fused": layers}
     key = "logits" if "logits" in want else "last_hidden_state"

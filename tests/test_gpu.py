@@ -18,8 +18,8 @@ import torch
 from helpers import check_against_reference, make_inputs, op, random_like, skip_unless_runs
 
 import prefix_kernels as pk
-from prefix_kernels.checks import check_inputs
-from prefix_kernels.reference import chunked_attention, dense_attention
+from prefix_kernels.core.checks import check_inputs
+from prefix_kernels.core.reference import chunked_attention, dense_attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -17,7 +17,7 @@ import torch
 from helpers import make_inputs
 
 import prefix_kernels as pk
-from prefix_kernels.memory import peak_memory
+from prefix_kernels.cli.memory import peak_memory
 
 MB = 2**20
 

@@ -21,16 +21,16 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels import reference  # noqa: E402
-from prefix_kernels.patching import (  # noqa: E402
+from prefix_kernels.core import masks  # noqa: E402
+from prefix_kernels.hf.patching import (  # noqa: E402
     _TraceableEncoder,
-    fused_self_attention,
     is_patched,
     patch_longformer,
     patch_longformer_classes,
     unpatch_longformer,
     unpatch_longformer_classes,
 )
+from prefix_kernels.hf.self_attention import fused_self_attention  # noqa: E402
 
 TOL = 1e-5
 MODELS = [c for c in LONGFORMER_CLASSES if c != "LongformerForMaskedLM"] + ["LEDForConditionalGeneration"]
@@ -90,10 +90,10 @@ def test_patched_with_fused_kernels_matches_hf(name, backend, device):
 
 @pytest.fixture
 def global_index_reads(monkeypatch):
-    """The `(B, N)` masks whose compact global index the package computes (`reference.global_positions`, whose
+    """The `(B, N)` masks whose compact global index the package computes (`core.masks.global_positions`, whose
     global count `G` is read back to the host), counted wherever a `prefix_kernels` module calls it."""
     reads = []
-    original = reference.global_positions
+    original = masks.global_positions
 
     def counted(is_global):
         reads.append(is_global)
@@ -384,9 +384,10 @@ def test_patch_twice_changes_backend_only(name):
 def test_auto_never_picks_the_triton_interpreter(monkeypatch):
     """Under TRITON_INTERPRET=1 Triton still counts as usable (explicitly), but `auto` passes it by, says why, and a
     patched model with `auto` never reaches it."""
-    from prefix_kernels import triton_attention
     from prefix_kernels.attention import select_backend
-    from prefix_kernels.checks import check_inputs
+    from prefix_kernels.backends import triton as triton_attention
+    from prefix_kernels.core import custom_op
+    from prefix_kernels.core.checks import check_inputs
 
     if pk.available_backends()["triton"] is not None or not triton_attention.INTERPRET:
         pytest.skip("the Triton backend runs compiled kernels here, not the interpreter")
@@ -399,7 +400,7 @@ def test_auto_never_picks_the_triton_interpreter(monkeypatch):
     def interpreter_reached(*_args, **_kwargs):
         raise AssertionError("auto reached the Triton interpreter")
 
-    monkeypatch.setattr(triton_attention, "attention", interpreter_reached)
+    monkeypatch.setitem(custom_op._LAUNCHERS, "triton", (interpreter_reached, interpreter_reached))
     hf = build("LongformerModel")
     ours = patched_copy(hf, backend="auto")
     inputs = batch("LongformerModel")

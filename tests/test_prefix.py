@@ -18,7 +18,7 @@ from tiny_models import LED_CLASSES, LONGFORMER_CLASSES, batch, build, enable_ch
 transformers = pytest.importorskip("transformers")
 
 from prefix_kernels import apply_prefix_propagation, apply_prefix_tuning, load_prefix, save_prefix  # noqa: E402
-from prefix_kernels.patching import is_patched, patch_longformer  # noqa: E402
+from prefix_kernels.hf.patching import is_patched, patch_longformer  # noqa: E402
 
 TOL = 1e-5
 P = 4

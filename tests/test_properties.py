@@ -17,9 +17,9 @@ from helpers import check_against_reference, make_inputs, op, random_like  # noq
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from prefix_kernels import cpu_attention  # noqa: E402
-from prefix_kernels.checks import check_inputs  # noqa: E402
-from prefix_kernels.reference import chunked_attention, dense_attention  # noqa: E402
+from prefix_kernels.backends import cpu as cpu_attention  # noqa: E402
+from prefix_kernels.core.checks import check_inputs  # noqa: E402
+from prefix_kernels.core.reference import chunked_attention, dense_attention  # noqa: E402
 
 # The fixtures these tests take (the device, poisoned outputs) hold no state that one example could leave to the
 # next, so hypothesis may run every example inside one function-scoped fixture.

@@ -7,7 +7,8 @@ import torch
 from helpers import make_inputs
 
 import prefix_kernels as pk
-from prefix_kernels.reference import dense_attention
+from prefix_kernels.core.checks import check_inputs
+from prefix_kernels.core.reference import chunked_attention, dense_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.longformer.modeling_longformer import (  # noqa: E402
@@ -112,8 +113,8 @@ def test_chunked_matches_dense(b, n, h, d, w, prefix, batch_prefix, n_global, pa
     kw = dict(window=w, **masks, **inputs)
     dense = dense_attention(**kw)
     for chunk in (None, 5):
-        args = pk.attention.check_inputs(**kw)
-        got = pk.reference.chunked_attention(args, chunk=chunk)
+        args = check_inputs(**kw)
+        got = chunked_attention(args, chunk=chunk)
         torch.testing.assert_close(got, dense, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(ref(**kw), dense, atol=1e-12, rtol=1e-10)
 

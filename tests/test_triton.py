@@ -33,9 +33,11 @@ from helpers import (  # noqa: E402
 )
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels import custom_op, reference, triton_attention  # noqa: E402
 from prefix_kernels.attention import select_backend  # noqa: E402
-from prefix_kernels.checks import check_inputs  # noqa: E402
+from prefix_kernels.backends.triton import launch as triton_attention  # noqa: E402
+from prefix_kernels.core import custom_op, reference
+from prefix_kernels.core.checks import check_inputs  # noqa: E402
+from prefix_kernels.core.masks import global_index  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -99,7 +101,7 @@ def test_fp32_dot_precision_follows_torchs_matmul_setting():
     `torch.get_float32_matmul_precision()` raise for the rest of the process)."""
     script = """
 import torch
-from prefix_kernels.triton_attention import _dot_precision
+from prefix_kernels.backends.triton.launch import _dot_precision
 m = torch.backends.cuda.matmul
 got = [_dot_precision(torch.float32), _dot_precision(torch.bfloat16)]
 for p in ("high", "medium", "highest"):
@@ -312,14 +314,14 @@ def test_global_index_is_cached_per_tensor_and_version(device):
     is_global = torch.zeros(2, 10, dtype=torch.bool, device=device)
     is_global[0, [2, 5]] = True
     is_global[1, 7] = True
-    idx, count, g = custom_op.global_index(is_global)
+    idx, count, g = global_index(is_global)
     assert g == 2 and idx.dtype == torch.int32 and idx.is_contiguous() and idx.device == is_global.device
     assert idx[0].tolist() == [2, 5] and idx[1, 0].item() == 7 and count.tolist() == [2, 1]
-    assert custom_op.global_index(is_global)[0] is idx  # no recomputation, no host read
+    assert global_index(is_global)[0] is idx  # no recomputation, no host read
     is_global[1, 9] = True  # in place: bumps _version
-    idx2, count2, _ = custom_op.global_index(is_global)
+    idx2, count2, _ = global_index(is_global)
     assert idx2 is not idx and idx2[1].tolist() == [7, 9] and count2.tolist() == [2, 2]
-    assert custom_op.global_index(torch.zeros(2, 10, dtype=torch.bool, device=device)) == (None, None, 0)
+    assert global_index(torch.zeros(2, 10, dtype=torch.bool, device=device)) == (None, None, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -331,13 +333,13 @@ def test_token_tables_are_built_once_per_mask_and_rebuilt_after_an_edit(device):
     is_global = torch.zeros(2, 10, dtype=torch.bool, device=device)
     is_global[0, [2, 5]] = True
     is_global[1, 0] = True
-    idx, count, _ = custom_op.global_index(is_global)
+    idx, count, _ = global_index(is_global)
     kind, special, slot = triton_attention._token_tables(pad, idx, count, 2, 10, device)
     assert kind.device == pad.device
     assert kind.tolist() == [[0, 0, 1, 0, 0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 2, 2]]
     assert special.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3]]
     assert slot.tolist() == [[-1, -1, 0, -1, -1, 1, -1, -1, -1, -1], [0] + [-1] * 9]
-    again = triton_attention._token_tables(pad, *custom_op.global_index(is_global)[:2], 2, 10, device)
+    again = triton_attention._token_tables(pad, *global_index(is_global)[:2], 2, 10, device)
     assert all(a is b for a, b in zip(again, (kind, special, slot), strict=True))  # no rebuild
     pad[0, 9] = True  # in place: bumps _version
     kind2 = triton_attention._token_tables(pad, idx, count, 2, 10, device)[0]

@@ -34,8 +34,9 @@ padding):
     query 9     . . . . . . . . . .      <- padding query: output 0
 
 `dense_attention` builds these `N x N` masks explicitly (tests only). `chunked_attention` (the "reference"
-backend) computes the same thing in memory `O(B * H * N * (c + 2w + G + P))`, never `N x N`: query chunks of
-`c` rows against their `c + 2w` band keys, the `G` global keys, and the prefix; the global rows against all keys.
+backend, `backends/reference.py`) computes the same thing in memory `O(B * H * N * (c + 2w + G + P))`, never
+`N x N`: query chunks of `c` rows against their `c + 2w` band keys, the `G` global keys, and the prefix; the global
+rows against all keys.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import AttentionArgs, check_inputs
+from .masks import global_positions
 
 
 def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -67,18 +69,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _bhnd(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """`(B, N, H, D)` -> `(B, H, N, D)` in the compute dtype."""
     return None if t is None else t.transpose(1, 2).to(dtype)
-
-
-def global_positions(is_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Compact global index: `(B, G)` int64 positions (increasing; entries past a row's count are arbitrary),
-    `(B,)` int32 counts, and `G`, the largest count (one host read). Shared by the reference and the fused ops.
-
-    A stable sort of "not global" puts each row's globals first, in increasing position.
-    """
-    counts = is_global.sum(dim=1, dtype=torch.int32)
-    g = int(counts.max()) if is_global.numel() else 0
-    order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]
-    return order, counts, g
 
 
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -211,22 +201,3 @@ def dense_attention(q, k, v, *, window, **kwargs) -> torch.Tensor:
     if a.is_global is not None and not a.local_rows_only:
         out_global = branch(a.q_global, a.k_global, a.v_global, global_allowed)
     return _combine(a, out_local, out_global)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Backend-module interface (see `prefix_kernels.attention`): the reference serves every call, on any device.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def unavailable_reason() -> str | None:
-    return None
-
-
-def cannot_serve(args: AttentionArgs) -> str | None:
-    return None
-
-
-def attention(args: AttentionArgs) -> torch.Tensor:
-    # The reference picks its own compute dtype (fp32/fp64); autocast would recast its matmuls to bf16/fp16.
-    with torch.autocast(device_type=args.device.type, enabled=False):
-        return chunked_attention(args)

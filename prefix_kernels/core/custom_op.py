@@ -1,13 +1,14 @@
-"""The custom-op and autograd layer shared by the fused backends (`triton_attention`, `cuda_attention`,
-`cpu_attention`).
+"""The custom-op and autograd layer shared by the fused backends (`backends/triton`, `backends/cuda`,
+`backends/cpu`).
 
 Two `torch.library` custom ops, `prefix_kernels::fused_attention_fwd` and `prefix_kernels::fused_attention_bwd`,
-take a `backend: str` and call that backend module's launchers. They carry `register_fake` (shapes only) and one
-`register_autograd` for both backends, so `torch.compile(fullgraph=True)` traces `longformer_attention` without
-graph breaks: everything data-dependent (the compact global index, its one host read, the dropout seed's value)
-happens inside the ops.
+take a `backend: str` and call the launchers registered under that name (`register_launchers`, called by the
+dispatcher in `prefix_kernels.attention` when it loads a backend: this module imports no backend). They carry
+`register_fake` (shapes only) and one `register_autograd` for every fused backend, so `torch.compile(fullgraph=True)`
+traces `longformer_attention` without graph breaks: everything data-dependent (the compact global index, its one
+host read, the dropout seed's value) happens inside the ops.
 
-Launcher contract (every fused backend module implements exactly these two functions):
+Launcher contract (every fused backend implements exactly these two functions):
 
 ```
 forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
@@ -19,11 +20,11 @@ backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, ke
 
 * `q, k, v, q_global, k_global, v_global`: `(B, N, H, D)`, one dtype; the `*_global` ones are `None` when no token
   is global (then `global_idx`, `global_count` are `None` and `max_global == 0`).
-* Local rows only (`attention.local_rows_attention`): `q_global = k_global = v_global = None` while `global_idx`,
-  `global_count` are given (`max_global > 0`). The global tokens are then still the global keys of every local
-  row (through `k, v`, with their dK/dV), but the global rows are not computed: their `out` rows are 0, they give
-  no gradient to any input whatever `grad_out` holds there, and `backward` returns `None` for the three global
-  projections. A backend whose launchers cannot serve this says so in `cannot_serve` (`args.local_rows_only`).
+* Local rows only (`prefix_kernels.attention.local_rows_attention`): `q_global = k_global = v_global = None` while
+  `global_idx`, `global_count` are given (`max_global > 0`). The global tokens are then still the global keys of
+  every local row (through `k, v`, with their dK/dV), but the global rows are not computed: their `out` rows are 0,
+  they give no gradient to any input whatever `grad_out` holds there, and `backward` returns `None` for the three
+  global projections. A backend whose launchers cannot serve this says so in `cannot_serve` (`args.local_rows_only`).
 * `prefix_k, prefix_v`: `(B, P, H, D)`, possibly with batch stride 0, or `None`.
 * `key_padding_mask`: `(B, N)` bool (True = padding) or `None`; a padding token is never global.
 * `global_idx`: `(B, max_global)` int32 contiguous, each row's global positions in increasing order; entries at
@@ -35,48 +36,30 @@ backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, ke
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .checks import AttentionArgs
-from .reference import global_positions
-from .tensor_cache import TensorCache
+from .masks import global_index
 
-_BACKEND_MODULES = {
-    "triton": "prefix_kernels.triton_attention",
-    "cuda": "prefix_kernels.cuda_attention",
-    "cpu": "prefix_kernels.cpu_attention",
-}
+Launcher = Callable[..., Any]
+_LAUNCHERS: dict[str, tuple[Launcher, Launcher]] = {}
 
 
-def _backend(name: str):
-    return importlib.import_module(_BACKEND_MODULES[name])
+def register_launchers(backend: str, forward: Launcher, backward: Launcher) -> None:
+    """Make `backend` ("triton", "cuda", "cpu") servable by the custom ops: its two launchers of the contract above."""
+    _LAUNCHERS[backend] = (forward, backward)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Compact global index, cached per `is_global` tensor
-# ------------------------------------------------------------------------------------------------------------
-
-_INDEX_CACHE = TensorCache()
-
-
-def global_index(is_global: Tensor | None) -> tuple[Tensor | None, Tensor | None, int]:
-    """`(global_idx (B, G) int32, global_count (B,) int32, G)` for a `(B, N)` bool mask; `(None, None, 0)` when no
-    token is global.
-
-    `G` needs one host read. It is cached per tensor object and its `_version` (`tensor_cache`): every layer of a
-    model reuses one `is_global` without syncing again, and an in-place edit of the mask invalidates the entry.
-    """
-    if is_global is None:
-        return None, None, 0
-
-    def build():
-        order, counts, g = global_positions(is_global)
-        return (None, None, 0) if g == 0 else (order.to(torch.int32).contiguous(), counts, g)
-
-    return _INDEX_CACHE.get((is_global,), build)
+def _launchers(backend: str) -> tuple[Launcher, Launcher]:
+    try:
+        return _LAUNCHERS[backend]
+    except KeyError:
+        raise RuntimeError(f"no launchers registered for backend {backend!r}: fused backends are loaded by "
+                           "prefix_kernels.attention") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -111,7 +94,7 @@ def fused_attention_fwd(
     gidx, gcnt, gmax = global_index(is_global)
     if gmax == 0:
         q_global = k_global = v_global = None
-    return _backend(backend).forward(
+    return _launchers(backend)[0](
         q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, gidx, gcnt,
         window=window, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed), max_global=gmax,
     )
@@ -153,7 +136,7 @@ def fused_attention_bwd(
     proj = (q_global, k_global, v_global)
     if gmax == 0:
         q_global = k_global = v_global = None
-    grads = list(_backend(backend).backward(
+    grads = list(_launchers(backend)[1](
         grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, gidx, gcnt, out, lse,
         window=window, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed), max_global=gmax,
     ))
@@ -192,7 +175,7 @@ fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(args: AttentionArgs, backend: str) -> Tensor:
-    """`(B, N, H, D)` attention through the fused custom op of `backend` ("triton", "cuda" or "cpu")."""
+    """`(B, N, H, D)` attention through the fused custom op, with the launchers registered as `backend`."""
     seed = None
     if args.dropout_p > 0:
         # Drawn from torch's default CPU generator so torch.utils.checkpoint's RNG restore replays it; the range

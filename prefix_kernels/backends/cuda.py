@@ -5,8 +5,8 @@ exposes `extern "C"` launchers taking raw device pointers and a CUDA stream; see
 contract and `csrc/longformer_attention.cuh` for the kernel design. This module
 
 * loads it lazily and says why it cannot (`unavailable_reason`, `cannot_serve`: the backend-module interface
-  of `prefix_kernels.attention`);
-* wraps the two launchers as `forward` / `backward`, the contract the shared custom op in `prefix_kernels.custom_op`
+  of `backends/__init__.py`);
+* wraps the two launchers as `forward` / `backward`, the contract the shared custom op in `core/custom_op.py`
   calls: it allocates outputs and fp32 workspaces with torch and runs on `torch.cuda.current_stream()`.
 
 `lse` is `(B, H, N)` fp32 in the log2 domain of the scaled scores (`+inf` for padding rows and rows with no
@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .checks import AttentionArgs
+from ..core.checks import AttentionArgs
+from ..core.poison import poison_
 
 ENV_LIB = "PREFIX_KERNELS_CUDA_LIB"
-# Tests set this: outputs are NaN-filled before the kernels run, so a row that no kernel writes shows up.
-ENV_POISON = "PREFIX_KERNELS_POISON"
 LIB_NAME = "libprefix_kernels_cuda.so"
 ABI_VERSION = 1
 HEAD_DIMS = (16, 32, 64, 128)
@@ -61,7 +60,7 @@ def library_path() -> Path:
     custom = os.environ.get(ENV_LIB)
     if custom:
         return Path(custom)
-    return Path(__file__).resolve().parent / "_lib" / LIB_NAME
+    return Path(__file__).resolve().parents[1] / "_lib" / LIB_NAME
 
 
 @functools.cache
@@ -98,7 +97,7 @@ def library() -> ctypes.CDLL:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# backend-module interface (see prefix_kernels.attention)
+# backend-module interface (see backends/__init__.py)
 
 
 def unavailable_reason() -> str | None:
@@ -132,11 +131,6 @@ def cannot_serve(args: AttentionArgs) -> str | None:
     return None
 
 
-def attention(args: AttentionArgs) -> torch.Tensor:
-    from .custom_op import fused_attention
-
-    return fused_attention(args, "cuda")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # launchers
@@ -152,13 +146,6 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
         return None
     t = t.contiguous()
     return t.clone() if t.data_ptr() % 16 else t
-
-
-def _poison(*tensors: torch.Tensor | None) -> None:
-    if os.environ.get(ENV_POISON, "0") not in ("", "0"):
-        for t in tensors:
-            if t is not None:
-                t.fill_(float("nan"))
 
 
 def _check(rc: int, lib: ctypes.CDLL) -> None:
@@ -232,7 +219,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
         if max_global > 0:
             floats = lib.pk_forward_workspace_floats(b, h, d, max_global, splits)
             gpart = torch.empty(floats, device=q.device, dtype=torch.float32)
-        _poison(out, lse)
+        poison_(out, lse)
         stream = torch.cuda.current_stream(q.device).cuda_stream
         rc = lib.pk_forward(*args, out.data_ptr(), lse.data_ptr(), tok.data_ptr(), _ptr(gpart), stream)
         _check(rc, lib)
@@ -278,7 +265,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         g_out = _contig(grad_out)
         o = _contig(out)
         lse_c = lse.contiguous()
-        _poison(dq, dk, dv, dqg if max_global > 0 else None, dkg if max_global > 0 else None,
+        poison_(dq, dk, dv, dqg if max_global > 0 else None, dkg if max_global > 0 else None,
                 dvg if max_global > 0 else None)
         stream = torch.cuda.current_stream(dev).cuda_stream
         launch_dqg, launch_dkg, launch_dvg = (dqg, dkg, dvg) if max_global > 0 else (None, None, None)

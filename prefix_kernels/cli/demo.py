@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .attention import BACKEND_ORDER, available_backends, select_backend
-from .checks import check_inputs
+from ..attention import BACKEND_ORDER, available_backends, resolve_backend
+from .args import HelpFormatter, default_device, device_arg, positive_float, positive_int
 from .memory import peak_memory
 
 BOS, PAD, EOS = 0, 1, 2
@@ -100,14 +100,6 @@ def build_model(args) -> torch.nn.Module:
     return tiny_classifier(args.seq_len + args.num_prefix, vocab=args.vocab, init_range=args.init_range)
 
 
-def resolved_backend(backend: str, device: torch.device) -> str:
-    """The backend `auto` (or the explicit choice) picks for an fp32 call on `device`."""
-    x = torch.zeros(1, 64, 4, 16, device=device)
-    glob = torch.zeros(1, 64, dtype=torch.bool, device=device)
-    return select_backend(check_inputs(x, x, x, window=16, is_global=glob, q_global=x, k_global=x, v_global=x), backend)
-
-
-@torch.no_grad()
 def accuracy(model, data: dict[str, torch.Tensor], batch_size: int) -> float:
     model.eval()
     correct = 0
@@ -163,8 +155,6 @@ def train_run(label: str, model, train, test, args, device) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from .__main__ import HelpFormatter, default_device, device_arg, positive_float, positive_int
-
     parser = argparse.ArgumentParser(prog="python -m prefix_kernels demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None, help="HF model name or path (default: a small random Longformer)")
@@ -201,8 +191,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import prefix as prefix_mod
-    from .patching import unpatch_longformer
+    from ..hf.patching import unpatch_longformer
+    from ..prefix import apply_prefix_propagation, apply_prefix_tuning
 
     args = parse_args(argv)
     device = args.device
@@ -214,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     test = make_task(args.test_docs, args.seq_len, vocab, gen)
     train, test = ({k: v.to(device) for k, v in d.items()} for d in (train, test))
 
-    backend = resolved_backend(args.backend, device)
-    apply = prefix_mod.apply_prefix_propagation if args.method == "propagation" else prefix_mod.apply_prefix_tuning
+    backend = resolve_backend(device, torch.float32, args.backend)
+    apply = apply_prefix_propagation if args.method == "propagation" else apply_prefix_tuning
     extra = {"pool_prefix": True} if args.method == "propagation" else {}
     print(
         f"prefix-{args.method}, P={args.num_prefix}, {type(base).__name__} "
@@ -253,7 +243,3 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['peak'] / 2**20:>10.1f} MiB"
         )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

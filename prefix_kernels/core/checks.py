@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor_cache import TensorCache
+from .masks import global_without_padding
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,7 +56,6 @@ class AttentionArgs:
         return self.q.dtype
 
 
-
 def _check_tensor(name: str, t, shape: tuple[int, ...], ref: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -82,20 +81,6 @@ def _check_mask(name: str, m, b: int, n: int, device: torch.device) -> torch.Ten
     if m.device != device:
         raise ValueError(f"{name} is on {m.device}, expected {device} (the device of q)")
     return m
-
-
-_COMBINED = TensorCache()
-
-
-def _global_without_padding(glob: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """`glob & ~pad`, the same tensor object for the same two masks (`tensor_cache`).
-
-    Every layer of a model passes the same two masks; returning one combined tensor lets the global-index cache
-    (keyed on the tensor object) hit, so only the first layer reads the global count back.
-    """
-    if torch.compiler.is_compiling():
-        return glob & ~pad
-    return _COMBINED.get((glob, pad), lambda: glob & ~pad)
 
 
 def check_inputs(
@@ -135,7 +120,7 @@ def check_inputs(
     pad = _check_mask("key_padding_mask", key_padding_mask, b, n, q.device)
     glob = _check_mask("is_global", is_global, b, n, q.device)
     if glob is not None and pad is not None:
-        glob = _global_without_padding(glob, pad)
+        glob = global_without_padding(glob, pad)
 
     if not isinstance(local_rows_only, bool):
         raise ValueError(f"local_rows_only must be a bool, got {local_rows_only!r}")

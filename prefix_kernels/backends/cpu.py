@@ -1,8 +1,8 @@
 """CPU backend: Longformer attention as block-batched PyTorch matmuls, forward and backward.
 
 Read top to bottom: the block plan, the additive masks, the dropout masks, the local rows (forward, backward), the
-global rows (forward, backward), the launchers `forward` / `backward` (contract: `prefix_kernels.custom_op`), then
-the backend-module functions `unavailable_reason`, `cannot_serve`, `attention`. Pure PyTorch: nothing to build.
+global rows (forward, backward), the launchers `forward` / `backward` (contract: `core/custom_op.py`), then the
+backend-module functions `unavailable_reason`, `cannot_serve`. Pure PyTorch: nothing to build.
 
 Local rows. The `N` queries are cut into blocks of `c` rows (`_plan`). Block `j` (rows `j*c .. j*c + c - 1`) sees
 `Lt = L + G + P` key columns: the `L = c + 2w` band positions `j*c - w .. j*c + c + w - 1`, then the `G` compact
@@ -50,13 +50,13 @@ CPU). fp16 computes in fp32 and rounds the results: CPUs without AVX512-FP16 hav
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .tensor_cache import TensorCache
+from ..core import masks as mask_cache
+from ..core.poison import new_output
 
 # Query rows per block: `min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2w))`. Smaller blocks waste fewer masked band entries
 # (useful fraction `(2w + 1) / (c + 2w)`), larger ones make larger matrix products: 64 was fastest at w = 64 and
@@ -66,15 +66,6 @@ MIN_BLOCK_ROWS = 16
 # Bytes of scores per group (`g * H * c * Lt` elements): enough work per matmul call, small enough that the
 # group's scores, probabilities and their gradients stay in the caches.
 GROUP_BYTES = 1 << 20
-# Set (or env PREFIX_KERNELS_POISON=1) to NaN-fill every output before it is written: tests catch elements that
-# are never written.
-POISON_OUTPUTS = False
-
-
-def _empty_out(shape, dtype) -> torch.Tensor:
-    if POISON_OUTPUTS or os.environ.get("PREFIX_KERNELS_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype)
-    return torch.empty(shape, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -171,16 +162,13 @@ def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _M
     return _Masks(band_bias, col_bias, dead, global_rows, global_valid)
 
 
-_MASK_CACHE = TensorCache()
-
-
 def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
-    """`_masks`, reused while the same mask tensors come back unchanged (`tensor_cache`): every layer of a model and
-    every backward pass sees the same `key_padding_mask` and (from `custom_op.global_index`'s cache) the same global
+    """`_masks`, reused while the same mask tensors come back unchanged (`core.masks`): every layer of a model and
+    every backward pass sees the same `key_padding_mask` and (from `core.masks.global_index`) the same global
     index."""
     sources = tuple(t for t in (key_padding_mask, global_idx, global_count) if t is not None)
-    return _MASK_CACHE.get(sources, lambda: _masks(plan, key_padding_mask, global_idx, global_count, dtype),
-                           extra=(plan, dtype))
+    return mask_cache.cached("cpu_masks", sources,
+                             lambda: _masks(plan, key_padding_mask, global_idx, global_count, dtype), key=(plan, dtype))
 
 
 class _DropoutMasks:
@@ -407,7 +395,7 @@ def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, dr
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Launchers (contract: prefix_kernels.custom_op)
+# Launchers (contract: core/custom_op.py)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -426,7 +414,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     dtype = q.dtype
     lse = torch.zeros(b, h, n, dtype=torch.float32)
     if n == 0:
-        return _empty_out(q.shape, dtype), lse
+        return new_output(q.shape, dtype), lse
     cdt = _compute_dtype(dtype)
     with torch.autocast("cpu", enabled=False):
         q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
@@ -435,7 +423,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
         plan = _plan(q, window, g, 0 if prefix_k is None else prefix_k.shape[1])
         masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
         inv_keep = 1.0 / (1.0 - dropout_p)
-        out = _empty_out((b, n, h, d), cdt)
+        out = new_output((b, n, h, d), cdt)
         drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
         ks = _local_keys(plan, k, prefix_k, global_idx)
         vs = _local_keys(plan, v, prefix_v, global_idx)
@@ -473,7 +461,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         go_v = go * inv_keep if dropout_p > 0 else go
         go_s = go * (inv_keep * scale)
         grads = {
-            "dq": _empty_out((b, n, h, d), cdt),
+            "dq": new_output((b, n, h, d), cdt),
             "dk_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
             "dv_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
             "dk_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
@@ -496,8 +484,8 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
             gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
                               global_count)
-            grads.update(dq_g=torch.zeros(b, n, h, d, dtype=cdt), dk_g=_empty_out((b, n, h, d), cdt),
-                         dv_g=_empty_out((b, n, h, d), cdt), dk_prefix=grads["dk_shared"][:, :, g:],
+            grads.update(dq_g=torch.zeros(b, n, h, d, dtype=cdt), dk_g=new_output((b, n, h, d), cdt),
+                         dv_g=new_output((b, n, h, d), cdt), dk_prefix=grads["dk_shared"][:, :, g:],
                          dv_prefix=grads["dv_shared"][:, :, g:])
             _global_rows_backward(plan, gr, global_idx, grad_out, scale, drop, inv_keep, grads)
             dq_g, dk_g, dv_g = grads["dq_g"], grads["dk_g"], grads["dv_g"]
@@ -511,7 +499,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Backend-module interface (see `prefix_kernels.attention`)
+# Backend-module interface (see `backends/__init__.py`)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -526,8 +514,3 @@ def cannot_serve(args) -> str | None:
         return "float64 is served by the reference backend only"
     return None
 
-
-def attention(args) -> torch.Tensor:
-    from .custom_op import fused_attention
-
-    return fused_attention(args, "cpu")

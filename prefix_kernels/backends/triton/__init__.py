@@ -1,0 +1,61 @@
+"""Triton backend: fused Longformer attention (band + global tokens + prefix keys), forward and backward.
+
+Read in this order: `common.py` (device helpers), `forward.py` (`_attention_fwd_kernel`: local-row tiles and
+global-row key splits in one grid; `_global_rows_merge_kernel`), `backward.py` (`_bwd_preprocess_kernel`, the
+one-pass `_attention_bwd_kernel`, `_bwd_finalize_kernel`), then `launch.py` (the per-mask token tables, the tile
+table, the launchers `forward` / `backward` of the contract in `core/custom_op.py`, and the backend-module
+functions `unavailable_reason`, `cannot_serve`).
+
+Layout: `q, k, v, q_global, k_global, v_global, O` are `(B, N, H, D)` (any strides, unit stride along `D`), the
+prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventions shared by every kernel:
+
+* Scores stay raw (`q . k`, fp32) until one FFMA maps them into the log2 domain: `p = exp2(s * qk_scale - m)` with
+  `qk_scale = scale * log2(e)`. `LSE` stores the log2-domain log-sum-exp of the *undropped* softmax of each row;
+  `+inf` marks a row that attends nothing (padding, or an empty key set), so the backward's `exp2(s * qk_scale -
+  LSE)` gives exactly 0 there. The running maximum starts at a finite floor (`M_FLOOR`), so a row whose keys so
+  far are all masked (`-inf`) gives `p = 0` and a rescale factor of 1 with no per-element guard.
+* Token tables, built once per mask tensor and cached (`_token_tables`): `KIND (B, N)` int8 (0 local, 1 global,
+  2 padding), `SPECIAL (B, N + 1)` int32, the running count of non-local tokens (a tile holds a global or padding
+  column iff its two ends differ), and `SLOT (B, N)` int32, each global token's index in the compact global list
+  (-1 elsewhere). Band columns of kind != 0 are excluded (global keys are attended once, through the compact list);
+  only rows of kind 0 are local queries.
+* Band tiles are classified per tile, not per element: a tile inside the band, inside the sequence and free of
+  global/padding columns takes the plain path (one FFMA, one exp2 per score); only the others build the element
+  mask. Whether a tile holds such a column is looked up in `SPECIAL` only by programs whose band holds one (one
+  check per program). One software-pipelined loop walks all band tiles of a program; when `N` is a multiple of
+  the tile, its loads carry no predicate.
+* Global rows are computed twice in the forward: the local-row tiles compute them too (cheaper than branching)
+  but store 0 and `LSE = +inf` there, as for padding rows; `_global_rows_merge_kernel` then writes `O` and `LSE` of
+  those rows from the global branch, whose key splits ran as extra programs of the same grid as the local-row
+  tiles. Without the global projections (`q_global = None` with a global index: local rows only, `GLOBAL_ROWS`
+  off) no global-row program runs, in the forward or the backward: those rows stay 0 and take no gradient, while
+  the global tokens remain the global keys of the local rows (`HAS_GLOBAL`), with their dK/dV.
+* Dropout: Philox-4x32-10 keyed by `seed`, counter `(j // 4, i, b * H + h, 0)`, output word `j % 4`, for query `i`
+  and key position `j` (prefix key `p` is at `N` rounded up to a multiple of 4, plus `p`): one Philox call serves
+  four consecutive keys of a tile, and no counter repeats below 2**32 rows. A row is local or global, never both,
+  so one counter space covers both probability matrices, and the backward regenerates exactly the forward's
+  mask. Kept probabilities are scaled by `1 / (1 - p)`.
+* fp32 follows PyTorch's fp32 matmul setting, as PyTorch's own matmuls do: by default (precision "highest")
+  `tl.dot(..., input_precision="ieee")`, full fp32 products on the FMA units, matching the fp32 reference to
+  ~1e-5; with TF32 matmuls enabled (`torch.set_float32_matmul_precision("high")`, `allow_tf32`,
+  `torch.backends.fp32_precision = "tf32"`) TF32 tensor cores (~1e-3). fp16/bf16 use tensor cores with fp32
+  accumulation; probabilities and `dS` are rounded to the input dtype before their matmuls, as in FlashAttention.
+* Backward, one pass: each key tile's program recomputes the scores of every (query tile, key tile) pair once and
+  produces dK/dV of its keys and the pair's dQ part, added with fp32 atomics into `DQ_ACC (B*H, N_pad, BLOCK_D)`
+  (zeroed by the preprocess kernel, scaled and cast once by the finalize kernel). Keys every local query sees
+  (global keys through the local `k, v`, and the prefix) get their dK/dV from programs that each own a chunk of
+  query rows and write fp32 partials, summed once by the finalize kernel (deterministic, no atomics on a few hot
+  addresses). The global rows' backward is split along the keys in the same grid; its dQ_global goes to the
+  fp32 `DQG_ACC (B*H, G_pad, BLOCK_D)` by atomics. Every float atomic is relaxed: the adds commute, and only the
+  next kernel reads the sums (kernel boundaries order them). On a GPU dQ and dQ_global are therefore not bitwise
+  reproducible from run to run (the order of the fp32 adds varies); the forward, dK and dV are.
+* Memory access is through pointers, not TMA tensor descriptors. The inputs may have any strides and a descriptor
+  needs a 16-byte aligned base and strides, so the pointer path has to exist anyway; it is the path the
+  interpreter tests run, and a second, descriptor path would be checked only by compiling and on a GPU. With a
+  scalar tile pointer plus loop-invariant offsets the forward's band tile already meets its instruction budget
+  (BENCHMARKS.md). Descriptors remain a candidate for the GPU tuning round.
+"""
+
+from .launch import INTERPRET, backward, cannot_serve, forward, unavailable_reason
+
+__all__ = ["INTERPRET", "backward", "cannot_serve", "forward", "unavailable_reason"]

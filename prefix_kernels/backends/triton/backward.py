@@ -1,0 +1,407 @@
+"""Backward kernels: `_bwd_preprocess_kernel` (delta, the local rows' LSE, zeroed fp32 accumulators), the one-pass
+`_attention_bwd_kernel` (the global rows' key splits, the shared keys' query chunks, the band key tiles) and
+`_bwd_finalize_kernel` (dQ scaled and cast, the shared keys' partials summed). Launched by `launch.backward`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    KIND_LOCAL,
+    KIND_PAD,
+    _band_tiles,
+    _dropout_keep,
+    _gather_keys,
+    _in_band,
+    _key_split,
+    _load_at,
+    _load_rows,
+    _prefix_col0,
+    _prefix_keys,
+    _program,
+    _row_ptrs,
+    _split_key_tile,
+    _store_rows,
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, LSE, KIND, DELTA, LSE_LOCAL, DQ_ACC, DQG_ACC, sob, son, soh, sdb, sdn, sdh,
+                           N, H, n_pad, g_pad, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, HAS_KIND: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
+    """Grid `(n_pad / BLOCK_M, B * H)`: `DELTA = sum_d dO * O` (fp32); `LSE_LOCAL`, the LSE of local rows and
+    `+inf` on global and padding rows (so the local-row backward needs no row kinds); zeroes this tile's rows of
+    the fp32 accumulators `DQ_ACC` and (with `GLOBAL_ROWS`) `DQG_ACC`."""
+    pid_m, bh, b, h = _program(H)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    o = _load_rows(O + b * sob + h * soh, rows, son, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, sdn, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    stats = bh.to(tl.int64) * N + rows
+    tl.store(DELTA + stats, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+    lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
+    if HAS_KIND:
+        lse = tl.where(tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD) == KIND_LOCAL, lse, float("inf"))
+    tl.store(LSE_LOCAL + stats, lse, mask=row_ok)
+    zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    _store_rows(DQ_ACC + bh.to(tl.int64) * n_pad * BLOCK_D, rows, BLOCK_D, rows < n_pad, zeros, HEAD_DIM=BLOCK_D,
+                BLOCK_D=BLOCK_D)
+    if GLOBAL_ROWS:
+        _store_rows(DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D, rows, BLOCK_D, rows < g_pad, zeros,
+                    HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+
+
+@triton.jit
+def _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, cols, bh, qk_scale, seed, dropout_p, inv_keep,
+                  COLS_TILE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One (query tile, key tile) pair, keys as rows: `s_t = k . q^T` `(keys, queries)`, raw, `-inf` where
+    excluded. Adds the pair's unscaled dK and dV to `dk, dv` and returns its unscaled dQ part `(queries, D)`
+    fp32. `rows`: query positions; `cols`, `COLS_TILE`: the keys' positions as in `_dropout_keep`."""
+    p_t = tl.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        keep_t = tl.trans(_dropout_keep(seed, bh, rows, cols, dropout_p, COLS_TILE=COLS_TILE, NCOLS=k.shape[0]))
+        dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+        dv += tl.dot(tl.where(keep_t, p_t * inv_keep, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
+    return dk, dv, tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _query_tile_bwd(q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ROWS_IN_RANGE: tl.constexpr = False):
+    """`q`, `dO`, LSE and delta of a tile of query rows; rows outside `row_ok` read as 0 with LSE = +inf (p = 0)."""
+    q = _load_at(q_ptrs, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=ROWS_IN_RANGE)
+    do = _load_at(do_ptrs, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=ROWS_IN_RANGE)
+    if ROWS_IN_RANGE:
+        return q, do, tl.load(lse_ptrs), tl.load(delta_ptrs)
+    return q, do, tl.load(lse_ptrs, mask=row_ok, other=float("inf")), tl.load(delta_ptrs, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DK, DV, DQ_ACC,
+                   sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+                   N, n_pad, window, qk_scale, scale, dropout_p, inv_keep, seed,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, HAS_KIND: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A tile of `BLOCK_N` band keys against the query tiles within `+-window`: its dK/dV (global and padding
+    columns get 0 here; global keys are finalized from the shared-key partials) and each pair's dQ part.
+    `EVEN_M`: `N` is a multiple of `BLOCK_M`, so no query tile reaches past the sequence."""
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    k = _load_rows(K + b * skb + h * skh, cols, skn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    v = _load_rows(V + b * svb + h * svh, cols, svn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    col_local = col_ok
+    if HAS_KIND:
+        col_local = tl.load(KIND + b * N + cols, mask=col_ok, other=KIND_PAD) == KIND_LOCAL
+    # One decision per program: whether any column of the tile is excluded (global, padding, past N).
+    special_cols = tl.sum(tl.where(col_local, 0, 1)) > 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, FIXED=BLOCK_N, STEP=BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Scalar pointers to the current query tile plus loop-invariant int32 offsets (as in the forward's band loop).
+    q_tile = Q + b * sqb + h * sqh + lo.to(tl.int64) * sqn
+    do_tile = DO + b * sdob + h * sdoh + lo.to(tl.int64) * sdon
+    dq_tile = DQ_ACC + (bh.to(tl.int64) * n_pad + lo) * BLOCK_D
+    stats = bh.to(tl.int64) * N + lo
+    q_offs = offs_m[:, None] * sqn + offs_d[None, :]
+    do_offs = offs_m[:, None] * sdon + offs_d[None, :]
+    dq_offs = offs_m[:, None] * BLOCK_D + offs_d[None, :]
+    for m0 in tl.range(lo, hi, BLOCK_M, num_stages=NUM_STAGES):
+        # Rows past N, padding rows and global rows all have p = 0 through LSE_LOCAL: only columns need masks.
+        rows = m0 + offs_m
+        q, do, lse, delta = _query_tile_bwd(q_tile + q_offs, do_tile + do_offs, LSE_LOCAL + stats + offs_m,
+                                            DELTA + stats + offs_m, rows < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                            ROWS_IN_RANGE=EVEN_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        if special_cols | (m0 < mid_lo) | (m0 >= mid_hi):
+            s_t = tl.where(_in_band(rows[None, :], cols[:, None], N, window) & col_local[:, None], s_t,
+                           float("-inf"))
+        dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, n0, bh, qk_scale, seed, dropout_p,
+                                   inv_keep, COLS_TILE=True, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+        tl.atomic_add(dq_tile + dq_offs, dq, sem="relaxed")
+        q_tile += BLOCK_M * sqn
+        do_tile += BLOCK_M * sdon
+        dq_tile += BLOCK_M * BLOCK_D
+        stats += BLOCK_M
+
+    _store_rows(DK + b * sdkb + h * sdkh, cols, sdkn, col_ok, (dk * scale).to(DK.dtype.element_ty),
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    _store_rows(DV + b * sdvb + h * sdvh, cols, sdvn, col_ok, dv.to(DV.dtype.element_ty), HEAD_DIM=HEAD_DIM,
+                BLOCK_D=BLOCK_D)
+
+
+@triton.jit
+def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA, bh, N, start, end,
+                          sqn, sdon, qk_scale, seed, dropout_p, inv_keep, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, COLS_TILE: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A block of keys every local query sees (`key_ok`: which exist; `key_cols`, `COLS_TILE`: their positions as
+    in `_dropout_keep`) against the local query rows `[start, end)`: unscaled dK, dV; each pair's dQ part is added
+    to `DQ_ACC`."""
+    dk = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
+    dv = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        stats = bh.to(tl.int64) * N + rows
+        q, do, lse, delta = _query_tile_bwd(_row_ptrs(q_base, rows, sqn, BLOCK_D=BLOCK_D),
+                                            _row_ptrs(do_base, rows, sdon, BLOCK_D=BLOCK_D), LSE_LOCAL + stats,
+                                            DELTA + stats, rows < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        s_t = tl.where(key_ok[:, None], tl.dot(k, tl.trans(q), input_precision=DOT_PREC), float("-inf"))
+        dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, key_cols, bh, qk_scale, seed,
+                                   dropout_p, inv_keep, COLS_TILE=COLS_TILE, HAS_DROPOUT=HAS_DROPOUT,
+                                   DOT_PREC=DOT_PREC)
+        tl.atomic_add(_row_ptrs(dq_base, rows, BLOCK_D, BLOCK_D=BLOCK_D), dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GIDX, GCNT, DQ_ACC,
+                     GPART_K, GPART_V, PPART_K, PPART_V,
+                     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh, sdob, sdon, sdoh,
+                     N, P, n_pad, gidx_stride, q_chunk, num_chunks, n_prefix_slots, qk_scale, dropout_p, inv_keep,
+                     seed, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                     HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK/dV (unscaled, fp32) of the global keys (through the local `k, v`) and of the prefix keys from the local
+    queries of one chunk of `q_chunk` rows, written as this chunk's partials `GPART_* (B*H, num_chunks, G,
+    BLOCK_D)`, `PPART_* (B*H, n_prefix_slots, P, BLOCK_D)`: every local query feeds these few keys, so the work is
+    split over query chunks instead of one program walking all N rows."""
+    start = chunk * q_chunk
+    end = tl.minimum(start + q_chunk, N)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    dq_base = DQ_ACC + bh.to(tl.int64) * n_pad * BLOCK_D
+    if HAS_GLOBAL:
+        cnt = tl.load(GCNT + b)
+        for g0 in range(0, cnt, BLOCK_G):
+            # Global keys through the local `k, v`, as every local query sees them.
+            k, v, g_ok, gpos = _gather_keys(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn,
+                                            GIDX + b * gidx_stride, g0, cnt, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                            BLOCK_G=BLOCK_G)
+            dk, dv = _shared_key_block_bwd(k, v, g_ok, gpos, q_base, do_base, dq_base, LSE_LOCAL, DELTA, bh, N, start,
+                                           end, sqn, sdon, qk_scale, seed, dropout_p, inv_keep, HEAD_DIM=HEAD_DIM,
+                                           BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, COLS_TILE=False,
+                                           HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+            part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + g0 + tl.arange(0, BLOCK_G)
+            _store_rows(GPART_K, part, BLOCK_D, g_ok, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+            _store_rows(GPART_V, part, BLOCK_D, g_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+    if HAS_PREFIX:
+        for p0 in range(0, P, BLOCK_N):
+            k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0, P,
+                                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
+            dk, dv = _shared_key_block_bwd(k, v, p_ok, _prefix_col0(N) + p0, q_base, do_base, dq_base, LSE_LOCAL,
+                                           DELTA, bh, N, start, end, sqn, sdon, qk_scale, seed, dropout_p, inv_keep,
+                                           HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, COLS_TILE=True,
+                                           HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+            part = (bh.to(tl.int64) * n_prefix_slots + chunk) * P + pcols
+            _store_rows(PPART_K, part, BLOCK_D, p_ok, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+            _store_rows(PPART_V, part, BLOCK_D, p_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+
+
+@triton.jit
+def _global_query_block(qg_base, do_base, LSE, DELTA, gidx_row, g0, cnt, bh, N, sqn, sdon,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Global queries `g0 .. g0 + BLOCK_G - 1` of a batch row: `q_global`, `dO`, LSE, delta, their slots and
+    positions (slots past `cnt` read as 0 with LSE = +inf)."""
+    g = g0 + tl.arange(0, BLOCK_G)
+    g_ok = g < cnt
+    gpos = tl.load(gidx_row + g, mask=g_ok, other=0)
+    stats = bh.to(tl.int64) * N + gpos
+    q, do, lse, delta = _query_tile_bwd(_row_ptrs(qg_base, gpos, sqn, BLOCK_D=BLOCK_D),
+                                        _row_ptrs(do_base, gpos, sdon, BLOCK_D=BLOCK_D), LSE + stats, DELTA + stats,
+                                        g_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    return q, do, lse, delta, g, gpos
+
+
+@triton.jit
+def _global_rows_bwd_split(split, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, KIND, GIDX, GCNT, DKG, DVG,
+                           DQG_ACC, PPART_K, PPART_V,
+                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh,
+                           sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+                           N, P, gidx_stride, g_pad, chunk, num_splits, n_prefix_slots, qk_scale, scale, dropout_p,
+                           inv_keep, seed, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_G: tl.constexpr, SINGLE_G: tl.constexpr, HAS_KIND: tl.constexpr,
+                           TO_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The global queries' backward against one key split (flash-decoding style): split `s < num_splits` owns the
+    keys `[s * chunk, (s + 1) * chunk)` of `k_global, v_global` and writes their dK_global, dV_global; split
+    `num_splits` (`TO_PREFIX`) is the prefix, written as the last slot of the prefix partials. `TO_PREFIX` is a
+    compile-time flag, so the loop's stores need no branch (a branch there fails Triton 3.6's pipeliner).
+    dQ_global parts go to the fp32 `DQG_ACC (B*H, G_pad, BLOCK_D)` by atomics: once per program when all global
+    queries fit one block (`SINGLE_G`), else once per (key tile, query block)."""
+    cnt = tl.load(GCNT + b)
+    gidx_row = GIDX + b * gidx_stride
+    qg_base = QG + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    dqg_base = DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D
+    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset = _key_split(
+        split, num_splits, chunk, N, P, KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn,
+        PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=TO_PREFIX)
+    if SINGLE_G:
+        q, do, lse, delta, g, gpos = _global_query_block(qg_base, do_base, LSE, DELTA, gidx_row, 0, cnt, bh, N, sqn,
+                                                         sdon, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
+        dq_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        k, v, cols, col_ok = _split_key_tile(k_base, v_base, key_stride_k, key_stride_v, KIND, b, N, n0, end,
+                                             col_offset, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                             HAS_KIND=HAS_KIND)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        if SINGLE_G:
+            s_t = tl.where(col_ok[:, None], tl.dot(k, tl.trans(q), input_precision=DOT_PREC), float("-inf"))
+            dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, gpos, col_offset + n0, bh, qk_scale,
+                                       seed, dropout_p, inv_keep, COLS_TILE=True, HAS_DROPOUT=HAS_DROPOUT,
+                                       DOT_PREC=DOT_PREC)
+            dq_acc += dq
+        else:
+            for g0 in range(0, cnt, BLOCK_G):
+                q, do, lse, delta, g, gpos = _global_query_block(qg_base, do_base, LSE, DELTA, gidx_row, g0, cnt, bh,
+                                                                 N, sqn, sdon, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                                                 BLOCK_G=BLOCK_G)
+                s_t = tl.where(col_ok[:, None], tl.dot(k, tl.trans(q), input_precision=DOT_PREC), float("-inf"))
+                dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, gpos, col_offset + n0, bh,
+                                           qk_scale, seed, dropout_p, inv_keep, COLS_TILE=True,
+                                           HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+                tl.atomic_add(_row_ptrs(dqg_base, g, BLOCK_D, BLOCK_D=BLOCK_D), dq, sem="relaxed")
+        if TO_PREFIX:
+            part = (bh.to(tl.int64) * n_prefix_slots + n_prefix_slots - 1) * P + cols
+            _store_rows(PPART_K, part, BLOCK_D, cols < end, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+            _store_rows(PPART_V, part, BLOCK_D, cols < end, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+        else:
+            _store_rows(DKG + b * sdkb + h * sdkh, cols, sdkn, cols < end, (dk * scale).to(DKG.dtype.element_ty),
+                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+            _store_rows(DVG + b * sdvb + h * sdvh, cols, sdvn, cols < end, dv.to(DVG.dtype.element_ty),
+                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    if SINGLE_G:
+        tl.atomic_add(_row_ptrs(dqg_base, g, BLOCK_D, BLOCK_D=BLOCK_D), dq_acc, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_kernel(
+    Q, K, V, QG, KG, VG, PK, PV, DO, LSE, LSE_LOCAL, DELTA, KIND, GIDX, GCNT,
+    DK, DV, DKG, DVG, DQ_ACC, DQG_ACC, GPART_K, GPART_V, PPART_K, PPART_V,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sqgb, sqgn, sqgh, skgb, skgn, skgh, svgb, svgn, svgh,
+    spkb, spkn, spkh, spvb, spvn, spvh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+    sdkgb, sdkgn, sdkgh, sdvgb, sdvgn, sdvgh,
+    N, H, P, n_pad, gidx_stride, g_pad, window, chunk, num_splits, q_chunk, num_chunks, n_prefix_slots,
+    n_global_progs, n_shared_progs, qk_scale, scale, dropout_p, inv_keep, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, SINGLE_G: tl.constexpr,
+    HAS_KIND: tl.constexpr, HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid `(n_global_progs + n_shared_progs + cdiv(N, BLOCK_N), B * H)`, the whole backward in one pass. Per
+    batch-head, in launch order (the longest first): the global rows' key splits (`_global_rows_bwd_split`, with
+    `GLOBAL_ROWS` only), the shared-key query chunks (`_shared_keys_bwd`), then one program per band key tile
+    (`_band_keys_bwd`)."""
+    pid, bh, b, h = _program(H)
+    if GLOBAL_ROWS:
+        # Two instances: the k_global splits, then (with a prefix) the prefix split.
+        for to_prefix in tl.static_range(1 + HAS_PREFIX):
+            mine = pid < num_splits
+            if to_prefix == 1:
+                mine = pid == num_splits
+            if mine:
+                _global_rows_bwd_split(
+                    pid, bh, b, h, QG, KG, VG, PK, PV, DO, LSE, DELTA, KIND, GIDX, GCNT, DKG, DVG, DQG_ACC, PPART_K,
+                    PPART_V, sqgb, sqgn, sqgh, skgb, skgn, skgh, svgb, svgn, svgh, spkb, spkn, spkh, spvb, spvn,
+                    spvh, sdob, sdon, sdoh, sdkgb, sdkgn, sdkgh, sdvgb, sdvgn, sdvgh,
+                    N, P, gidx_stride, g_pad, chunk, num_splits, n_prefix_slots, qk_scale, scale, dropout_p,
+                    inv_keep, seed, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
+                    SINGLE_G=SINGLE_G, HAS_KIND=HAS_KIND, TO_PREFIX=to_prefix == 1, HAS_DROPOUT=HAS_DROPOUT,
+                    DOT_PREC=DOT_PREC)
+    if HAS_GLOBAL or HAS_PREFIX:
+        if (pid >= n_global_progs) & (pid < n_global_progs + n_shared_progs):
+            _shared_keys_bwd(
+                pid - n_global_progs, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GIDX, GCNT, DQ_ACC,
+                GPART_K, GPART_V, PPART_K, PPART_V,
+                sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh, sdob, sdon, sdoh,
+                N, P, n_pad, gidx_stride, q_chunk, num_chunks, n_prefix_slots, qk_scale, dropout_p, inv_keep, seed,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
+                HAS_GLOBAL=HAS_GLOBAL, HAS_PREFIX=HAS_PREFIX, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+    if pid >= n_global_progs + n_shared_progs:
+        _band_keys_bwd(
+            pid - n_global_progs - n_shared_progs, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DK, DV, DQ_ACC,
+            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+            N, n_pad, window, qk_scale, scale, dropout_p, inv_keep, seed,
+            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES,
+            EVEN_M=EVEN_M, HAS_KIND=HAS_KIND, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+
+
+@triton.jit
+def _sum_partials(PART_K, PART_V, first, slot_stride, n_slots, rows, row_ok, BLOCK_D: tl.constexpr):
+    """Sums over `n_slots` slots of two fp32 partial buffers; slot `s` of row `r` is row `first + s * slot_stride +
+    r` of `(., BLOCK_D)`."""
+    dk = tl.zeros([rows.shape[0], BLOCK_D], tl.float32)
+    dv = tl.zeros([rows.shape[0], BLOCK_D], tl.float32)
+    for s in range(0, n_slots):
+        at = first + s * slot_stride + rows
+        dk += _load_rows(PART_K, at, BLOCK_D, row_ok, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+        dv += _load_rows(PART_V, at, BLOCK_D, row_ok, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_finalize_kernel(
+    DQ_ACC, DQG_ACC, SLOT, GIDX, GCNT, GPART_K, GPART_V, PPART_K, PPART_V, DQ, DQG, DK, DV, DPK, DPV,
+    sdqb, sdqn, sdqh, sdqgb, sdqgn, sdqgh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, sdpkb, sdpkn, sdpkh, sdpvb, sdpvn,
+    sdpvh, N, H, P, n_pad, gidx_stride, g_pad, num_chunks, n_prefix_slots, n_row_tiles, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+):
+    """Grid `(n_row_tiles + 2, B * H)`. Row tiles: `dQ = scale * DQ_ACC` and, with `GLOBAL_ROWS`, `dQ_global`
+    (`scale * DQG_ACC` on global rows, 0 elsewhere) in the input dtype. The last two programs sum the shared keys'
+    partials: `dK, dV` of the global keys (overwriting the zeros the band programs wrote there), then the prefix
+    gradients."""
+    pid, bh, b, h = _program(H)
+    if pid < n_row_tiles:
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        dq = _load_rows(DQ_ACC + bh.to(tl.int64) * n_pad * BLOCK_D, rows, BLOCK_D, row_ok, HEAD_DIM=BLOCK_D,
+                        BLOCK_D=BLOCK_D)
+        _store_rows(DQ + b * sdqb + h * sdqh, rows, sdqn, row_ok, (dq * scale).to(DQ.dtype.element_ty),
+                    HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        if GLOBAL_ROWS:
+            slot = tl.load(SLOT + b * N + rows, mask=row_ok, other=-1)
+            dqg = _load_rows(DQG_ACC + bh.to(tl.int64) * g_pad * BLOCK_D, slot, BLOCK_D, slot >= 0,
+                             HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+            _store_rows(DQG + b * sdqgb + h * sdqgh, rows, sdqgn, row_ok, (dqg * scale).to(DQG.dtype.element_ty),
+                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    if HAS_GLOBAL:
+        if pid == n_row_tiles:
+            cnt = tl.load(GCNT + b)
+            for g0 in range(0, cnt, BLOCK_G):
+                g = g0 + tl.arange(0, BLOCK_G)
+                g_ok = g < cnt
+                gpos = tl.load(GIDX + b * gidx_stride + g, mask=g_ok, other=0)
+                dk, dv = _sum_partials(GPART_K, GPART_V, bh.to(tl.int64) * num_chunks * gidx_stride, gidx_stride,
+                                       num_chunks, g, g_ok, BLOCK_D=BLOCK_D)
+                _store_rows(DK + b * sdkb + h * sdkh, gpos, sdkn, g_ok, (dk * scale).to(DK.dtype.element_ty),
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+                _store_rows(DV + b * sdvb + h * sdvh, gpos, sdvn, g_ok, dv.to(DV.dtype.element_ty),
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    if HAS_PREFIX:
+        if pid == n_row_tiles + 1:
+            for p0 in range(0, P, BLOCK_G):
+                pr = p0 + tl.arange(0, BLOCK_G)
+                p_ok = pr < P
+                dk, dv = _sum_partials(PPART_K, PPART_V, bh.to(tl.int64) * n_prefix_slots * P, P, n_prefix_slots,
+                                       pr, p_ok, BLOCK_D=BLOCK_D)
+                _store_rows(DPK + b * sdpkb + h * sdpkh, pr, sdpkn, p_ok, (dk * scale).to(DPK.dtype.element_ty),
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+                _store_rows(DPV + b * sdpvb + h * sdpvh, pr, sdpvn, p_ok, dv.to(DPV.dtype.element_ty),
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)

@@ -1,0 +1,208 @@
+"""Forward kernels: `_attention_fwd_kernel` (local-row tiles and the global rows' key splits in one grid) and
+`_global_rows_merge_kernel` (the splits merged by their log-sum-exp). Launched by `launch.forward`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    KIND_LOCAL,
+    KIND_PAD,
+    M_FLOOR,
+    _band_tiles,
+    _gather_keys,
+    _has_special,
+    _in_band,
+    _key_split,
+    _load_at,
+    _load_rows,
+    _prefix_col0,
+    _prefix_keys,
+    _program,
+    _softmax_update,
+    _split_key_tile,
+    _store_rows,
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT, O, LSE,
+                    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh, sob, son, soh,
+                    N, P, gidx_stride, window, qk_scale, dropout_p, inv_keep, seed,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_N: tl.constexpr, HAS_KIND: tl.constexpr,
+                    HAS_GLOBAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """A tile of `BLOCK_M` query rows: its band key tiles, then its row's global keys, then the prefix, in one
+    online softmax. Writes `O` and `LSE` of the tile (0 and `+inf` on rows that are not local queries). `EVEN_N`:
+    `N` is a multiple of `BLOCK_N`, so no band tile reaches past the sequence."""
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    q = _load_rows(Q + b * sqb + h * sqh, rows, sqn, row_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    m_i = tl.full([BLOCK_M], M_FLOOR, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _band_tiles(m0, N, window, FIXED=BLOCK_M, STEP=BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    # A scalar pointer to the current tile plus loop-invariant int32 offsets: per tile, one 64-bit add per load
+    # instead of per-row address arithmetic.
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    k_tile = k_base + lo.to(tl.int64) * skn
+    v_tile = v_base + lo.to(tl.int64) * svn
+    k_offs = offs_n[:, None] * skn + tl.arange(0, BLOCK_D)[None, :]
+    v_offs = offs_n[:, None] * svn + tl.arange(0, BLOCK_D)[None, :]
+    # Most programs' bands hold no global or padding token: they never look a tile up.
+    band_special = False
+    if HAS_KIND:
+        band_special = _has_special(SPECIAL, b, N, lo, hi)
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+        k = _load_at(k_tile + k_offs, n0 + offs_n < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=EVEN_N)
+        v = _load_at(v_tile + v_offs, n0 + offs_n < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROWS_IN_RANGE=EVEN_N)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        masked = (n0 < mid_lo) | (n0 >= mid_hi)
+        if HAS_KIND:
+            if band_special:
+                masked = masked | _has_special(SPECIAL, b, N, n0, n0 + BLOCK_N)
+        if masked:
+            cols = n0 + offs_n
+            ok = _in_band(rows[:, None], cols[None, :], N, window)
+            if HAS_KIND:
+                ok = ok & (tl.load(KIND + b * N + cols, mask=cols < N, other=KIND_PAD) == KIND_LOCAL)[None, :]
+            s = tl.where(ok, s, float("-inf"))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, n0, dropout_p,
+                                        COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
+        k_tile += BLOCK_N * skn
+        v_tile += BLOCK_N * svn
+
+    if HAS_GLOBAL:
+        cnt = tl.load(GCNT + b)
+        for g0 in range(0, cnt, BLOCK_G):
+            k, v, g_ok, gpos = _gather_keys(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g0, cnt,
+                                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
+            s = tl.where(g_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, gpos, dropout_p,
+                                            COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
+    if HAS_PREFIX:
+        for p0 in range(0, P, BLOCK_N):
+            k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0, P,
+                                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
+            s = tl.where(p_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, _prefix_col0(N) + p0,
+                                            dropout_p, COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
+
+    live = l_i > 0
+    if HAS_KIND:
+        # Global rows too: their result is the global branch's (merged later), or 0 with local rows only.
+        live = live & (tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD) == KIND_LOCAL)
+    l_safe = tl.where(live, l_i, 1.0)
+    out = tl.where(live[:, None], acc * (inv_keep / l_safe)[:, None], 0.0)
+    _store_rows(O + b * sob + h * soh, rows, son, row_ok, out.to(O.dtype.element_ty), HEAD_DIM=HEAD_DIM,
+                BLOCK_D=BLOCK_D)
+    tl.store(LSE + bh.to(tl.int64) * N + rows, tl.where(live, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+
+
+@triton.jit
+def _global_rows_fwd_split(split, pid_g, bh, b, h, QG, KG, VG, PK, PV, KIND, GIDX, GCNT, PART_O, PART_L,
+                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh,
+                           N, P, gidx_stride, g_pad, chunk, num_splits, n_parts, qk_scale, dropout_p, inv_keep, seed,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_G: tl.constexpr, HAS_KIND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                           HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A block of global queries against one key chunk (split `num_splits` is the prefix): the normalized partial
+    output and its log2 LSE, merged later by `_global_rows_merge_kernel` (flash-decoding)."""
+    cnt = tl.load(GCNT + b)
+    g_rows = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g_rows < cnt
+    gpos = tl.load(GIDX + b * gidx_stride + g_rows, mask=g_ok, other=0)
+    q = _load_rows(QG + b * sqb + h * sqh, gpos, sqn, g_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    m_i = tl.full([BLOCK_G], M_FLOOR, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_base, v_base, key_stride_k, key_stride_v, start, end, col_offset = _key_split(
+        split, num_splits, chunk, N, P, KG + b * skb + h * skh, VG + b * svb + h * svh, skn, svn,
+        PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, HAS_PREFIX=HAS_PREFIX)
+    for n0 in range(start, end, BLOCK_N):
+        k, v, cols, col_ok = _split_key_tile(k_base, v_base, key_stride_k, key_stride_v, KIND, b, N, n0, end,
+                                             col_offset, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                                             HAS_KIND=HAS_KIND)
+        s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, gpos, col_offset + n0, dropout_p,
+                                        COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
+
+    live = l_i > 0
+    l_safe = tl.where(live, l_i, 1.0)
+    part = (bh * g_pad + g_rows).to(tl.int64) * n_parts + split
+    _store_rows(PART_O, part, HEAD_DIM, g_rows >= 0, acc * (inv_keep / l_safe)[:, None], HEAD_DIM=HEAD_DIM,
+                BLOCK_D=BLOCK_D)
+    tl.store(PART_L + part, tl.where(live, m_i + tl.log2(l_safe), float("-inf")))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_fwd_kernel(
+    Q, K, V, QG, KG, VG, PK, PV, KIND, SPECIAL, GIDX, GCNT, O, LSE, PART_O, PART_L,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sqgb, sqgn, sqgh, skgb, skgn, skgh, svgb, svgn, svgh,
+    spkb, spkn, spkh, spvb, spvn, spvh, sob, son, soh,
+    N, H, P, gidx_stride, g_pad, chunk, num_splits, n_parts, n_global_progs, window, qk_scale, dropout_p, inv_keep,
+    seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_N: tl.constexpr, HAS_KIND: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Grid `(n_global_progs + cdiv(N, BLOCK_M), B * H)`. The first `n_global_progs` programs of a batch-head are
+    the global rows' key splits (`n_parts` splits x the blocks of `BLOCK_G` global queries; they walk the most
+    keys, so they start first and overlap the band work); the others are local-row tiles. `HAS_GLOBAL`: global
+    tokens exist (global keys of the local rows); `GLOBAL_ROWS`: their rows are computed (`n_global_progs > 0`)."""
+    pid, bh, b, h = _program(H)
+    if GLOBAL_ROWS:
+        if pid < n_global_progs:
+            _global_rows_fwd_split(
+                pid % n_parts, pid // n_parts, bh, b, h, QG, KG, VG, PK, PV, KIND, GIDX, GCNT, PART_O, PART_L,
+                sqgb, sqgn, sqgh, skgb, skgn, skgh, svgb, svgn, svgh, spkb, spkn, spkh, spvb, spvn, spvh,
+                N, P, gidx_stride, g_pad, chunk, num_splits, n_parts, qk_scale, dropout_p, inv_keep, seed,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, HAS_KIND=HAS_KIND,
+                HAS_PREFIX=HAS_PREFIX, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+    if pid >= n_global_progs:
+        _local_rows_fwd(
+            pid - n_global_progs, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT, O, LSE,
+            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, spkb, spkn, spkh, spvb, spvn, spvh, sob, son, soh,
+            N, P, gidx_stride, window, qk_scale, dropout_p, inv_keep, seed,
+            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
+            NUM_STAGES=NUM_STAGES, EVEN_N=EVEN_N, HAS_KIND=HAS_KIND, HAS_GLOBAL=HAS_GLOBAL,
+            HAS_PREFIX=HAS_PREFIX, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
+
+
+@triton.jit
+def _global_rows_merge_kernel(
+    PART_O, PART_L, GIDX, GCNT, O, LSE, sob, son, soh,
+    N, H, gidx_stride, g_pad, n_parts,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Grid `(G, B * H)`: merge one global row's partials by their LSE into `O` and `LSE` (replacing the local
+    result written for that row)."""
+    g, bh, b, h = _program(H)
+    if g < tl.load(GCNT + b):
+        pos = tl.load(GIDX + b * gidx_stride + g).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        s_ok = offs_s < n_parts
+        part = (bh * g_pad + g).to(tl.int64) * n_parts + offs_s
+        lse_s = tl.load(PART_L + part, mask=s_ok, other=float("-inf"))
+        o_s = _load_rows(PART_O, part, HEAD_DIM, s_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+        m = tl.max(lse_s, 0)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse_s - m_use)
+        w_sum = tl.sum(w, 0)
+        out = tl.sum(o_s * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(O + b * sob + pos * son + h * soh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        lse = tl.where(w_sum > 0, m_use + tl.log2(tl.where(w_sum > 0, w_sum, 1.0)), float("inf"))
+        tl.store(LSE + bh.to(tl.int64) * N + pos, lse)

@@ -1,0 +1,316 @@
+"""Launchers of the Triton backend: the per-mask token tables, the tile table, `forward` / `backward` (the contract
+of `core/custom_op.py`), and the backend-module functions `unavailable_reason`, `cannot_serve`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ...core import masks as mask_cache
+from ...core.poison import new_output
+from .backward import _attention_bwd_kernel, _bwd_finalize_kernel, _bwd_preprocess_kernel
+from .common import KIND_GLOBAL, KIND_LOCAL, KIND_PAD
+from .forward import _attention_fwd_kernel, _global_rows_merge_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Under the interpreter `_config` picks small tiles (fast on a CPU, many tile edges in short tests); tests clear
+# this to run the GPU tile configurations through the interpreter too.
+SMALL_TILES = INTERPRET
+LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token tables, cached per mask tensor
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _token_tables(key_padding_mask, global_idx, global_count, b: int, n: int, device):
+    """`(KIND (B, N) int8, SPECIAL (B, N + 1) int32, SLOT (B, N) int32)` (see the package docstring), or `None`
+    when every token is local.
+
+    Built with a few small torch ops, once per mask (`core.masks.cached`): keyed on `key_padding_mask` and the
+    compact global index (itself cached per `is_global` tensor by `core.masks.global_index`), so every layer of a
+    model reuses one set and an in-place edit of a mask rebuilds it."""
+    if key_padding_mask is None and global_idx is None:
+        return None
+
+    def build():
+        kind = torch.zeros(b, n + 1, dtype=torch.int8, device=device)
+        slot = torch.full((b, n + 1), -1, dtype=torch.int32, device=device)
+        if global_idx is not None:
+            g = global_idx.shape[1]
+            slots = torch.arange(g, dtype=torch.int32, device=device)
+            # Unused entries of the compact index all go to the spare column `n`, dropped below.
+            target = torch.where(slots[None, :] < global_count[:, None], global_idx.long(), n)
+            kind.scatter_(1, target, KIND_GLOBAL.value)
+            slot.scatter_(1, target, slots.expand(b, g).contiguous())
+        kind = kind[:, :n]
+        if key_padding_mask is not None:
+            kind = kind.masked_fill(key_padding_mask, KIND_PAD.value)
+        special = torch.zeros(b, n + 1, dtype=torch.int32, device=device)
+        special[:, 1:] = torch.cumsum(kind != KIND_LOCAL.value, 1)
+        return kind.contiguous(), special, slot[:, :n].contiguous()
+
+    sources = tuple(t for t in (key_padding_mask, global_idx, global_count) if t is not None)
+    return mask_cache.cached("triton_token_tables", sources, build, key=(b, n, str(device)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tile table and launchers (contract: `core/custom_op.py`)
+# ------------------------------------------------------------------------------------------------------------
+
+# Tiles per matmul precision, head_dim bucket (<= 64, <= 128) and arch (sm_90; sm_80 and anything below sm_90):
+# forward (BLOCK_M, BLOCK_N, warps, stages), backward (query tile, key tile, warps, stages). "16bit" is fp16 / bf16
+# on tensor cores, "tf32" fp32 on TF32 tensor cores, "ieee" fp32 on the FMA units. Chosen from the compiled
+# resources (`benchmarks/kernel_resources.py`: no spills in fp16 / bf16, shared memory within the arch's limit,
+# fewest SASS instructions per tile; BENCHMARKS.md has the figures) and, for the 16-bit forward at D = 64, from the
+# H200 timings of the earlier kernels (64 x 64 tiles, 4 warps, 3 stages beat 128-row tiles). sm_80's `mma.sync`
+# backward spills with 64-row query tiles, hence 32 rows there (and fewer with dropout or a ragged N: `_config`);
+# IEEE fp32 dots need about twice the registers of a tensor-core tile, hence 16-key tiles in its backward and at
+# D = 128. To be confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); no autotuning at run time.
+_TILES = {
+    "16bit": {64: {90: ((64, 64, 4, 3), (64, 64, 4, 2)), 80: ((64, 64, 4, 3), (32, 64, 4, 2))},
+              128: {90: ((64, 64, 8, 2), (64, 64, 8, 2)), 80: ((64, 64, 8, 2), (32, 64, 8, 2))}},
+    "tf32": {64: dict.fromkeys((90, 80), ((64, 64, 4, 2), (32, 32, 4, 2))),
+             128: dict.fromkeys((90, 80), ((64, 32, 4, 2), (32, 32, 4, 2)))},
+    "ieee": {64: dict.fromkeys((90, 80), ((32, 32, 8, 2), (32, 16, 8, 2))),
+             128: dict.fromkeys((90, 80), ((32, 16, 8, 2), (32, 16, 8, 2)))},
+}
+
+
+def _target_arch() -> int:
+    """The compile target's compute capability x 10, as Triton sees it (80 for anything below sm_90)."""
+    try:
+        arch = triton.runtime.driver.active.get_current_target().arch
+    except Exception:  # no active GPU driver (e.g. the interpreter)
+        return 90
+    return 90 if isinstance(arch, int) and arch >= 90 else 80
+
+
+def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int, dropout: bool) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = min(64, max(16, triton.next_power_of_2(max(num_global, 1))))
+    if SMALL_TILES:
+        # Small, unequal tiles: cheap on the CPU and they make short test sequences cross many tile edges.
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
+                    num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1)
+    precision = "ieee" if dot_prec == "ieee" else "tf32" if dtype_bytes == 4 else "16bit"
+    arch = _target_arch()
+    (bm, bn, warps, stages), (bwd_m, bwd_n, bwd_warps, bwd_stages) = _TILES[precision][
+        64 if block_d <= 64 else 128][arch]
+    if precision == "16bit" and dropout:
+        # The dropout bits push the backward past 255 registers (72-192 bytes of spill with the table's query
+        # tiles): half the rows fit.
+        bwd_m //= 2
+    elif precision == "16bit" and n % bwd_m:
+        # So do the row-masked loads of a ragged N with 64-row query tiles (40-56 bytes of spill in fp16).
+        bwd_m = 32
+    chunk = 1024 if n > 4096 else 512
+    return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=block_g, BWD_M=bwd_m, BWD_N=bwd_n, CHUNK=chunk,
+                Q_CHUNK=chunk, num_warps=warps, num_stages=stages, bwd_warps=bwd_warps, bwd_stages=bwd_stages)
+
+
+def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _unit_d(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels address `D` with unit stride; anything else is copied once."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _fp32_matmuls_use_tf32() -> bool:
+    """Whether PyTorch's own fp32 CUDA matmuls use TF32 now. PyTorch >= 2.9 answers through
+    `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee", or "none" = the default, IEEE), which reflects
+    both its new API (`torch.backends.fp32_precision = "tf32"`, as `transformers`' `tf32=True` sets it) and the
+    legacy one (`torch.set_float32_matmul_precision`, `allow_tf32`); `torch.get_float32_matmul_precision()` raises
+    once the two have been mixed, so it is only read on older PyTorch."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` precision. fp16 / bf16 products are exact in the tensor cores' fp32 accumulators (the name is then
+    immaterial); fp32 follows PyTorch's fp32 matmul setting, as PyTorch's own matmuls do: IEEE fp32 on the FMA
+    units by default, TF32 tensor cores (about 1e-3 relative error) when TF32 matmuls are enabled."""
+    if dtype == torch.float32 and not _fp32_matmuls_use_tf32():
+        return "ieee"
+    return "tf32"
+
+
+class _Launch:
+    """What both launchers derive from the inputs: shapes, flags, tile configuration, token tables, and the
+    placeholders that stand for absent tensors."""
+
+    def __init__(self, q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
+                 global_rows):
+        self.b, self.n, self.h, self.d = q.shape
+        self.device = q.device
+        self.has_global = has_global
+        self.global_rows = global_rows
+        self.has_prefix = prefix_k is not None
+        self.p = prefix_k.shape[1] if self.has_prefix else 0
+        self.dot_prec = _dot_precision(q.dtype)
+        self.cfg = _config(self.d, self.n, max_global if has_global else 0, self.dot_prec, q.element_size(),
+                           dropout_p > 0)
+        self.tables = _token_tables(key_padding_mask, global_idx if has_global else None,
+                                    global_count if has_global else None, self.b, self.n, self.device)
+        self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
+        self.kind, self.special, self.slot = self.tables if self.tables is not None else (self.dummy,) * 3
+        self.gidx = global_idx if has_global else self.dummy
+        self.gcnt = global_count if has_global else self.dummy
+        self.gstride = global_idx.stride(0) if has_global else 0
+        self.g_pad = triton.cdiv(max_global, self.cfg["BLOCK_G"]) * self.cfg["BLOCK_G"] if has_global else 0
+        self.flags = dict(HEAD_DIM=self.d, BLOCK_D=self.cfg["BLOCK_D"], HAS_KIND=self.tables is not None,
+                          HAS_GLOBAL=has_global, GLOBAL_ROWS=global_rows, HAS_PREFIX=self.has_prefix,
+                          HAS_DROPOUT=dropout_p > 0, DOT_PREC=self.dot_prec)
+
+    def or_dummy(self, t):
+        return self.dummy if t is None else t
+
+    def scratch(self, *shape):
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
+
+def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
+    """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (log2 domain, `+inf` = no key)."""
+    q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = map(
+        _unit_d, (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+    has_global = global_idx is not None and max_global > 0
+    global_rows = has_global and q_global is not None  # else local rows only: global rows stay 0
+    L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
+                global_rows)
+    b, n, h, d, cfg = L.b, L.n, L.h, L.d, L.cfg
+    out = new_output((b, n, h, d), q.dtype, L.device)
+    lse = new_output((b, h, n), torch.float32, L.device)
+    if n == 0:
+        return out, lse
+    num_splits = triton.cdiv(n, cfg["CHUNK"])
+    n_parts = num_splits + int(L.has_prefix)
+    part_o = part_l = L.dummy
+    n_global_progs = 0
+    if global_rows:
+        part_o = L.scratch(b * h, L.g_pad, n_parts, d)
+        part_l = L.scratch(b * h, L.g_pad, n_parts)
+        n_global_progs = n_parts * (L.g_pad // cfg["BLOCK_G"])
+    _attention_fwd_kernel[(n_global_progs + triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+        q, k, v, L.or_dummy(q_global), L.or_dummy(k_global), L.or_dummy(v_global), L.or_dummy(prefix_k),
+        L.or_dummy(prefix_v), L.kind, L.special, L.gidx, L.gcnt, out, lse, part_o, part_l,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(q_global), *_strides(k_global), *_strides(v_global),
+        *_strides(prefix_k), *_strides(prefix_v), *_strides(out),
+        n, h, L.p, L.gstride, L.g_pad, cfg["CHUNK"], num_splits, n_parts, n_global_progs, window, scale * LOG2E,
+        dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["num_stages"],
+        EVEN_N=n % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **L.flags)
+    if global_rows:
+        _global_rows_merge_kernel[(max_global, b * h)](
+            part_o, part_l, L.gidx, L.gcnt, out, lse, *_strides(out), n, h, L.gstride, L.g_pad, n_parts,
+            HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(n_parts)))
+    return out, lse
+
+
+def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+             global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
+    """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
+    grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out = map(
+        _unit_d, (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out))
+    has_global = global_idx is not None and max_global > 0
+    global_rows = has_global and q_global is not None  # else local rows only: no gradient through global rows
+    L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
+                global_rows)
+    b, n, h, d, p, cfg = L.b, L.n, L.h, L.d, L.p, L.cfg
+    dq, dk, dv = (new_output((b, n, h, d), q.dtype, L.device) for _ in range(3))
+    dq_g = dk_g = dv_g = dpk = dpv = None
+    if q_global is not None:
+        dq_g, dk_g, dv_g = (new_output((b, n, h, d), q.dtype, L.device) for _ in range(3))
+    if L.has_prefix:
+        dpk, dpv = (new_output((b, p, h, d), q.dtype, L.device) for _ in range(2))
+    if n == 0 or (q_global is not None and not has_global):
+        # Nothing to compute for the global projections (no token is global): zero gradients.
+        for t in (dq_g, dk_g, dv_g, dpk, dpv) if n == 0 else (dq_g, dk_g, dv_g):
+            if t is not None:
+                t.zero_()
+        if n == 0:
+            return dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv
+    bd = cfg["BLOCK_D"]
+    pre_m = max(64, cfg["BWD_M"])
+    n_pad = triton.cdiv(n, pre_m) * pre_m  # every query tile of the backward lies inside the fp32 dQ accumulator
+    delta = L.scratch(b, h, n)
+    lse_local = L.scratch(b, h, n)
+    dq_acc = L.scratch(b * h, n_pad, bd)
+    dqg_acc = L.scratch(b * h, L.g_pad, bd) if global_rows else L.dummy
+    _bwd_preprocess_kernel[(n_pad // pre_m, b * h)](
+        out, grad_out, lse, L.kind, delta, lse_local, dq_acc, dqg_acc, *_strides(out), *_strides(grad_out),
+        n, h, n_pad, L.g_pad, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_m, HAS_KIND=L.tables is not None,
+        GLOBAL_ROWS=global_rows)
+
+    num_chunks = triton.cdiv(n, cfg["Q_CHUNK"])
+    num_splits = triton.cdiv(n, cfg["CHUNK"])
+    n_prefix_slots = num_chunks + int(global_rows)  # the global rows' share of the prefix gradient is the last slot
+    gpart_k = gpart_v = ppart_k = ppart_v = L.dummy
+    if has_global:
+        gpart_k, gpart_v = L.scratch(b * h, num_chunks, L.gstride, bd), L.scratch(b * h, num_chunks, L.gstride, bd)
+    if L.has_prefix:
+        ppart_k, ppart_v = L.scratch(b * h, n_prefix_slots, p, bd), L.scratch(b * h, n_prefix_slots, p, bd)
+    n_global_progs = num_splits + int(L.has_prefix) if global_rows else 0
+    n_shared_progs = num_chunks if has_global or L.has_prefix else 0
+    _attention_bwd_kernel[(n_global_progs + n_shared_progs + triton.cdiv(n, cfg["BWD_N"]), b * h)](
+        q, k, v, L.or_dummy(q_global), L.or_dummy(k_global), L.or_dummy(v_global), L.or_dummy(prefix_k),
+        L.or_dummy(prefix_v), grad_out, lse, lse_local, delta, L.kind, L.gidx, L.gcnt,
+        dk, dv, L.or_dummy(dk_g), L.or_dummy(dv_g), dq_acc, dqg_acc, gpart_k, gpart_v, ppart_k, ppart_v,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(q_global), *_strides(k_global), *_strides(v_global),
+        *_strides(prefix_k), *_strides(prefix_v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        *_strides(dk_g), *_strides(dv_g),
+        n, h, p, n_pad, L.gstride, L.g_pad, window, cfg["CHUNK"], num_splits, cfg["Q_CHUNK"], num_chunks,
+        n_prefix_slots, n_global_progs, n_shared_progs, scale * LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p),
+        seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["bwd_stages"],
+        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BLOCK_G"], num_warps=cfg["bwd_warps"],
+        num_stages=cfg["bwd_stages"], **L.flags)
+
+    fin_m = 64
+    n_row_tiles = triton.cdiv(n, fin_m)
+    _bwd_finalize_kernel[(n_row_tiles + 2, b * h)](
+        dq_acc, dqg_acc, L.slot, L.gidx, L.gcnt, gpart_k, gpart_v, ppart_k, ppart_v, dq, L.or_dummy(dq_g), dk, dv,
+        L.or_dummy(dpk), L.or_dummy(dpv), *_strides(dq), *_strides(dq_g), *_strides(dk), *_strides(dv),
+        *_strides(dpk), *_strides(dpv), n, h, p, n_pad, L.gstride, L.g_pad, num_chunks, n_prefix_slots,
+        n_row_tiles, scale, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=fin_m, BLOCK_G=cfg["BLOCK_G"], HAS_GLOBAL=has_global,
+        GLOBAL_ROWS=global_rows, HAS_PREFIX=L.has_prefix)
+    return dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Backend-module interface (see `backends/__init__.py`)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def unavailable_reason() -> str | None:
+    if INTERPRET:
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+    return None
+
+
+def cannot_serve(args) -> str | None:
+    if args.dtype == torch.float64:
+        return "float64 is served by the reference backend only"
+    if INTERPRET:
+        if args.device.type != "cpu":
+            return f"under TRITON_INTERPRET=1 the Triton backend takes CPU tensors, got {args.device}"
+        if args.dtype == torch.bfloat16:
+            return "bfloat16 is not computed correctly by the Triton interpreter"
+    elif args.device.type != "cuda":
+        return f"needs CUDA tensors, got {args.device}"
+    if args.shape[3] > 256:
+        return f"head_dim {args.shape[3]} > 256 is not supported"
+    tensors = (args.q, args.k, args.v, args.q_global, args.k_global, args.v_global, args.prefix_k, args.prefix_v)
+    if max(t.stride(-3) for t in tensors if t is not None) >= 2**24:
+        return "a row stride of 2**24 elements or more overflows the Triton kernels' 32-bit tile offsets"
+    return None
+

@@ -1,0 +1,92 @@
+"""What is derived from the mask tensors, and the one cache that keeps it for a forward pass.
+
+Every layer of a model hands the op the same `key_padding_mask` and `is_global` tensors, so what is derived from
+them is computed once per forward pass and reused by every layer and by the backward:
+
+* `global_without_padding(glob, pad)`: `glob & ~pad`, one tensor object per pair of masks (a padding token is
+  never global);
+* `global_index(is_global)`: the compact index of each row's global tokens and its one host read;
+* the backends' own tables (`backends/triton/launch.py`: token kinds, `backends/cpu.py`: block masks), built from
+  the two above through `cached`.
+
+The rule, stated once here for all of them: an entry is keyed on a namespace, the caller's extra key and the
+*identity* of its source tensors; it holds those tensors by weak reference (it goes away with them, so the cache
+never keeps a batch alive) and records their `_version` (an in-place edit of a mask rebuilds it). Derived entries
+chain: the global index is keyed on the combined mask object, the backend tables on the global index objects, so
+one new mask tensor invalidates everything built from it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+
+class TensorCache:
+    """`get(sources, build, key)`: `build()`'s value, reused while the same `sources` tensors live unchanged."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], Any]] = {}
+
+    def get(self, sources: tuple[torch.Tensor, ...], build: Callable[[], Any], key: Hashable = ()) -> Any:
+        full_key = (key, tuple(id(t) for t in sources))
+        versions = tuple(t._version for t in sources)
+        hit = self._entries.get(full_key)
+        if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], sources, strict=True)):
+            return hit[2]
+        value = build()
+        entries = self._entries
+
+        def evict(_, full_key=full_key):
+            # Only while the entry still refers to a dead tensor: a newer entry under a reused id stays.
+            entry = entries.get(full_key)
+            if entry is not None and any(r() is None for r in entry[0]):
+                del entries[full_key]
+
+        self._entries[full_key] = (tuple(weakref.ref(t, evict) for t in sources), versions, value)
+        return value
+
+
+_CACHE = TensorCache()
+
+
+def cached(namespace: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any], key: Hashable = ()) -> Any:
+    """`build()`, computed once while the `sources` tensors live unchanged (the rule of this module's docstring).
+    `namespace` keeps the users of the one cache apart; `key` adds what else the value depends on."""
+    return _CACHE.get(sources, build, (namespace, key))
+
+
+def global_without_padding(glob: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """`glob & ~pad`, the same tensor object for the same two masks, so that the global index cache hits and only
+    the first layer of a model reads the global count back."""
+    if torch.compiler.is_compiling():
+        return glob & ~pad
+    return cached("global_without_padding", (glob, pad), lambda: glob & ~pad)
+
+
+def global_positions(is_global: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Compact global index: `(B, G)` int64 positions (increasing; entries past a row's count are arbitrary),
+    `(B,)` int32 counts, and `G`, the largest count (one host read).
+
+    A stable sort of "not global" puts each row's globals first, in increasing position.
+    """
+    counts = is_global.sum(dim=1, dtype=torch.int32)
+    g = int(counts.max()) if is_global.numel() else 0
+    order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :g]
+    return order, counts, g
+
+
+def global_index(is_global: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """`(global_idx (B, G) int32, global_count (B,) int32, G)` for a `(B, N)` bool mask; `(None, None, 0)` when no
+    token is global. Cached per `is_global` tensor: every layer reuses one index without another host read."""
+    if is_global is None:
+        return None, None, 0
+
+    def build():
+        order, counts, g = global_positions(is_global)
+        return (None, None, 0) if g == 0 else (order.to(torch.int32).contiguous(), counts, g)
+
+    return cached("global_index", (is_global,), build)

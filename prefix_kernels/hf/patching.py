@@ -1,0 +1,234 @@
+"""Hugging Face glue: make `LongformerSelfAttention` and `LEDEncoderSelfAttention` compute through
+`longformer_attention`, without adding, renaming or moving a single parameter.
+
+Two ways in:
+
+* `patch_longformer(model, backend)` patches the instances of an existing model: each attention module's class
+  is swapped for a subclass whose `forward` calls the fused op. Parameters, buffers, module names and state-dict
+  keys stay what they were, so checkpoints, `Trainer`, DDP and `save_pretrained` see no difference.
+  `unpatch_longformer(model)` swaps the original classes back.
+* `patch_longformer_classes(backend)` makes every model built afterwards (e.g. by `from_pretrained`) come out
+  patched, until `unpatch_longformer_classes()`; it also works as a context manager.
+
+Compiling and exporting. HF's encoders (`LongformerEncoder`, `LEDEncoder`) read one batch-wide flag back to the
+host, `is_index_global_attn.flatten().any().item()`, and branch on it; the patched attention does not need it
+(the op handles a batch without global tokens itself). Patching also swaps each encoder's class for a subclass
+whose `forward`, while `torch.compile` or an exporter traces it, runs HF's own `forward` with that `.item()`
+answering the Python constant `True`: the graph then has no host read and no branch on the masks, so changing
+only the masks never recompiles. The patched attention itself is `hf/self_attention.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..attention import check_backend_name
+from ..core.static import is_exporting
+from .self_attention import _FusedSelfAttention, run_build_checks
+
+__all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
+
+# Where the HF classes live, and which module-level name each model's `__init__` looks up.
+_LONGFORMER = "transformers.models.longformer.modeling_longformer"
+_LED = "transformers.models.led.modeling_led"
+_HF_LOCATIONS = {
+    "attention": ((_LONGFORMER, "LongformerSelfAttention"), (_LED, "LEDEncoderSelfAttention")),
+    "encoder": ((_LONGFORMER, "LongformerEncoder"), (_LED, "LEDEncoder")),
+}
+_ORIGINALS: dict[str, type] = {}  # "module:name" -> the HF class, recorded before any class patch
+_PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its patched subclass
+
+
+def _hf_classes(kind: str = "attention") -> dict[str, type]:
+    """The original HF classes of `kind` ("attention" or "encoder") by location, importing only those the
+    installed transformers has."""
+    import importlib
+
+    found = {}
+    for module_name, name in _HF_LOCATIONS[kind]:
+        key = f"{module_name}:{name}"
+        if key not in _ORIGINALS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            cls = getattr(module, name)
+            _ORIGINALS[key] = getattr(cls, "_hf_class", cls)
+        found[key] = _ORIGINALS[key]
+    return found
+
+
+class _GlobalFlagIsConstant(TorchFunctionMode):
+    """Makes `Tensor.item()` of a bool tensor return `True` without reading the tensor.
+
+    Active only around HF's encoder `forward` while it is traced, where the one bool `.item()` is
+    `is_global_attn = is_index_global_attn.flatten().any().item()`. `True` makes every layer pass the global
+    projections, which the patched attention would compute under tracing anyway; HF's own uses of the flag
+    (global attention maps) only matter with `output_attentions=True`, which is never traced this way.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.item and args[0].dtype == torch.bool:
+            return True
+        return func(*args, **(kwargs or {}))
+
+
+class _TraceableEncoder:
+    """Mixin placed in front of HF's `LongformerEncoder` / `LEDEncoder`: the same `forward`, without the
+    host read of the batch-wide global flag while `torch.compile` or an exporter traces it."""
+
+    _hf_class: type
+    _hf_arg_names: tuple[str, ...]
+
+    def forward(self, *args, **kwargs):
+        if not (torch.compiler.is_compiling() or is_exporting()):
+            return super().forward(*args, **kwargs)
+        call = dict(zip(self._hf_arg_names, args, strict=False))
+        call.update(kwargs)
+        wants_maps = call.get("output_attentions")
+        if wants_maps is None:
+            wants_maps = getattr(self.config, "output_attentions", False)
+        if wants_maps or not all(isinstance(m, _FusedSelfAttention) for m in _attention_modules(self)):
+            return super().forward(*args, **kwargs)  # HF's own attention: it needs the real flag
+        with _GlobalFlagIsConstant():
+            return super().forward(*args, **kwargs)
+
+
+def _patched_class(cls: type, mixin: type) -> type:
+    """The subclass of an HF class with `mixin` in front (one per class, reused)."""
+    cls = getattr(cls, "_hf_class", cls)
+    if cls not in _PATCHED:
+        names = tuple(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
+        qualname = f"Fused{cls.__name__}"
+        patched = type(
+            cls.__name__,  # same name: accelerate's `no_split_modules` and HF's module lists match by name
+            (mixin, cls),
+            {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname},
+        )
+        globals()[qualname] = patched  # picklable by its qualified name
+        _PATCHED[cls] = patched
+    return _PATCHED[cls]
+
+
+def _fused_class(cls: type) -> type:
+    """The fused subclass of an HF self-attention class."""
+    return _patched_class(cls, _FusedSelfAttention)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    targets = tuple(_hf_classes().values())
+    return [m for m in model.modules() if isinstance(m, targets)]
+
+
+def _encoder_modules(model: nn.Module) -> list[nn.Module]:
+    targets = tuple(_hf_classes("encoder").values())
+    return [m for m in model.modules() if isinstance(m, targets)]
+
+
+def _quiet_padding_notice_when_traced() -> None:
+    """HF's `_pad_to_window_size` calls `logger.warning_once` when it pads, and dynamo cannot trace a logging
+    call (a graph break, so `fullgraph=True` fails). Tell dynamo to skip the `warning_once` of the two modeling
+    modules' loggers while it traces (eager calls still log). Newer torch only; older torch keeps the break."""
+    import importlib
+
+    ignored = getattr(torch._dynamo.config, "ignore_logging_functions", None)
+    if ignored is None:
+        ignored = getattr(torch._dynamo.config, "ignore_logger_methods", None)
+    if ignored is None:
+        return
+    for module_name in (_LONGFORMER, _LED):
+        try:
+            logger = importlib.import_module(module_name).logger
+        except (ImportError, AttributeError):
+            continue
+        if hasattr(logger, "warning_once"):
+            ignored.add(logger.warning_once)
+
+
+def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make every Longformer / LED-encoder self-attention in `model` compute with `longformer_attention`.
+
+    In place; parameters, buffers and state-dict keys are unchanged. Patching a patched model only changes
+    the backend. `backend`: "auto" | "triton" | "cuda" | "cpu" | "reference" (env `PREFIX_KERNELS_BACKEND`
+    overrides per call). Returns `model`.
+    """
+    check_backend_name(backend)
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LongformerSelfAttention or LEDEncoderSelfAttention")
+    run_build_checks(getattr(model, "config", None), model)
+    for module in modules:
+        if not isinstance(module, _FusedSelfAttention):
+            module.__class__ = _fused_class(type(module))
+        module._prefix_kernels_backend = backend
+    for encoder in _encoder_modules(model):
+        if not isinstance(encoder, _TraceableEncoder):
+            encoder.__class__ = _patched_class(type(encoder), _TraceableEncoder)
+    _quiet_padding_notice_when_traced()
+    return model
+
+
+def unpatch_longformer(model: nn.Module) -> nn.Module:
+    """Restore HF's own attention in every patched module of `model` (instance- or class-patched). Returns it."""
+    for module in model.modules():
+        if not isinstance(module, _FusedSelfAttention):
+            continue
+        if getattr(module, "_prefix_kernels_prefix", None) is not None:
+            raise ValueError("this model uses prefix-tuning, which HF's attention cannot compute; keep it patched")
+        module.__class__ = type(module)._hf_class
+        module.__dict__.pop("_prefix_kernels_backend", None)
+    for encoder in model.modules():
+        if isinstance(encoder, _TraceableEncoder):
+            encoder.__class__ = type(encoder)._hf_class
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether any self-attention of `model` computes through `longformer_attention`."""
+    return any(isinstance(m, _FusedSelfAttention) for m in model.modules())
+
+
+class _ClassPatch:
+    """Returned by `patch_longformer_classes`; `with` undoes the patch on exit."""
+
+    def __enter__(self) -> _ClassPatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        unpatch_longformer_classes()
+
+
+def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
+    """Models built from now on (`from_pretrained`, `from_config`, constructors) come out patched.
+
+    The modeling modules' `LongformerSelfAttention` / `LEDEncoderSelfAttention` names are pointed at the fused
+    subclasses, which the model constructors look up; models built earlier are not touched. Undo with
+    `unpatch_longformer_classes()`, or use `with patch_longformer_classes(backend): model = ...`.
+    """
+    import importlib
+
+    check_backend_name(backend)
+    for key, cls in _hf_classes().items():
+        module_name, name = key.split(":")
+        patched = _fused_class(cls)
+        patched._class_backend = backend
+        setattr(importlib.import_module(module_name), name, patched)
+    for key, cls in _hf_classes("encoder").items():
+        module_name, name = key.split(":")
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _TraceableEncoder))
+    _quiet_padding_notice_when_traced()
+    return _ClassPatch()
+
+
+def unpatch_longformer_classes() -> None:
+    """Point the modeling modules back at HF's classes (models already built keep what they have)."""
+    import importlib
+
+    for kind in ("attention", "encoder"):
+        for key, cls in _hf_classes(kind).items():
+            module_name, name = key.split(":")
+            setattr(importlib.import_module(module_name), name, cls)

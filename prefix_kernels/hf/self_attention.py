@@ -1,0 +1,199 @@
+"""The patched Hugging Face self-attention: `LongformerSelfAttention` / `LEDEncoderSelfAttention` computing through
+`longformer_attention`, with the same parameters and the same call conventions.
+
+`_FusedSelfAttention` is the mixin `hf/patching.py` places in front of an HF class; its `forward` binds HF's call and
+routes it (`fused_self_attention`):
+
+* `output_attentions=True` needs HF's probability layouts: HF's own forward serves that call;
+* with global tokens, run eagerly, at most `D / 2` global tokens per row and `key_global` / `value_global` plain
+  `nn.Linear` layers: the global rows from the hidden states (`core/global_rows.py`) and the op's local rows;
+* else the global projections and `longformer_attention` (which itself routes export and compile, see
+  `attention.py`).
+
+The patched forward accepts both call conventions: transformers 4.x passes `layer_head_mask` (each head's
+probabilities are multiplied by it, i.e. each head's output row is scaled), 5.x does not; LED calls with
+`hidden_states=` by keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..attention import local_rows_attention, longformer_attention
+from ..core.global_rows import global_rows_from_hidden, pays
+from ..core.masks import global_index, global_without_padding
+from ..core.static import is_exporting
+
+# Called with `(config, model_or_None)` when a patched attention module is built (once per model) and when a model
+# is patched: the prefix layer registers its check that a checkpoint's prefix was not dropped.
+BUILD_CHECKS: list[Callable] = []
+
+
+def run_build_checks(config, model: nn.Module | None) -> None:
+    for check in BUILD_CHECKS:
+        check(config, model)
+
+
+class _FusedSelfAttention:
+    """Mixin placed in front of an HF self-attention class; `super().forward` is the original HF forward.
+
+    Instance attributes (plain, never parameters or buffers):
+    `_prefix_kernels_backend` (str) and `_prefix_kernels_prefix` (an object whose `key_values(like)` returns
+    this layer's prefix-tuning keys/values `(P, H, D)` in `like`'s dtype; set by `apply_prefix_tuning`).
+    """
+
+    _hf_class: type
+    _hf_arg_names: tuple[str, ...]  # the original forward's parameter names, for binding positional args
+    _class_backend = "auto"  # the backend of instances built while the classes are patched
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._prefix_kernels_backend = type(self)._class_backend
+        config = args[0] if args else kwargs.get("config")
+        if getattr(self, "layer_id", 0) == 0:  # once per model
+            run_build_checks(config, None)
+
+    def forward(self, *args, **kwargs):
+        call = dict(zip(self._hf_arg_names, args, strict=False))
+        call.update(kwargs)
+        prefix = getattr(self, "_prefix_kernels_prefix", None)
+        if call.get("output_attentions"):
+            if prefix is not None:
+                raise ValueError(
+                    "output_attentions=True is not supported with prefix-tuning: HF's attention layout has no "
+                    "place for the prefix keys"
+                )
+            return super().forward(*args, **kwargs)
+        return (fused_self_attention(self, **call),)
+
+
+def fused_self_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    layer_head_mask: torch.Tensor | None = None,
+    is_index_masked: torch.Tensor | None = None,
+    is_index_global_attn: torch.Tensor | None = None,
+    is_global_attn: bool | None = None,
+    output_attentions: bool = False,
+    **unused,
+) -> torch.Tensor:
+    """What an HF Longformer/LED-encoder self-attention computes, through `longformer_attention`.
+
+    Args:
+        module: the HF self-attention module (its Linear layers, `num_heads`, `head_dim`,
+            `one_sided_attn_window_size`, `dropout` are used).
+        hidden_states: `(B, N, C)`.
+        attention_mask: HF's float `(B, N)` mask: negative = padding, 0 = local, positive = global; only read
+            when `is_index_masked` / `is_index_global_attn` are not given.
+        layer_head_mask: `(H,)` (transformers 4.x) or None.
+        is_index_masked, is_index_global_attn: `(B, N)` bool, passed to the op unchanged (HF builds them once
+            per forward pass and hands every layer the same tensors, which lets a backend cache per mask).
+        is_global_attn: HF's batch-wide flag; False skips the global projections. None (unknown) computes them.
+
+    Returns:
+        `(B, N, C)` in the dtype of the projections.
+    """
+    b, n, c = hidden_states.shape
+    h, d = module.num_heads, module.head_dim
+    if is_index_masked is None and attention_mask is not None:
+        is_index_masked = attention_mask < 0
+    if is_index_global_attn is None and attention_mask is not None:
+        is_index_global_attn = attention_mask > 0
+    if is_global_attn is None:
+        is_global_attn = is_index_global_attn is not None
+
+    def heads(linear: nn.Module) -> torch.Tensor:
+        return linear(hidden_states).view(b, n, h, d)
+
+    q, k, v = heads(module.query), heads(module.key), heads(module.value)
+    glob = is_index_global_attn if is_global_attn else None
+    prefix_k = prefix_v = None
+    prefix = getattr(module, "_prefix_kernels_prefix", None)
+    if prefix is not None:
+        prefix_k, prefix_v = prefix.key_values(q)
+    kwargs = dict(
+        window=int(module.one_sided_attn_window_size),
+        key_padding_mask=is_index_masked,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        softmax_scale=d**-0.5,
+        dropout_p=float(module.dropout) if module.training else 0.0,
+    )
+    backend = getattr(module, "_prefix_kernels_backend", "auto")
+    index = _direct_global_rows_index(module, glob, is_index_masked) if not output_attentions else None
+    if index is not None:
+        idx, counts, g = index
+        out = local_rows_attention(q, k, v, is_global=glob if g else None, **kwargs, backend=backend)
+        if g:
+            xg = hidden_states.gather(1, idx.long()[:, :, None].expand(b, g, c))
+            key, value = module.key_global, module.value_global
+            rows = global_rows_from_hidden(
+                hidden_states, module.query_global(xg).view(b, g, h, d), key.weight, key.bias, value.weight,
+                value.bias, idx, counts, is_index_masked, prefix_k, prefix_v, scale=kwargs["softmax_scale"],
+                dropout_p=kwargs["dropout_p"])
+            # The op left the global rows 0; entries past a row's count add exact zeros to distinct local rows.
+            out = out.scatter_add(1, idx.long()[:, :, None, None].expand(b, g, h, d), rows.to(out.dtype))
+        return _scale_heads(out, layer_head_mask).reshape(b, n, c)
+
+    qg = kg = vg = None
+    if glob is not None:
+        qg = _global_rows_projection(module.query_global, hidden_states, glob, is_index_masked).view(b, n, h, d)
+        kg, vg = heads(module.key_global), heads(module.value_global)
+    out = longformer_attention(q, k, v, is_global=glob, q_global=qg, k_global=kg, v_global=vg, **kwargs,
+                               backend=backend)
+    return _scale_heads(out, layer_head_mask).reshape(b, n, c)
+
+
+def _direct_global_rows_index(module: nn.Module, glob: torch.Tensor | None, pad: torch.Tensor | None):
+    """The op's compact global index `(idx, counts, G)` when the global rows come from the hidden states
+    (`core/global_rows.py`), else `None`: it needs global tokens, an eager run (not traced by `torch.compile` or an
+    exporter), `pays(G, D)` and plain `key_global` / `value_global` layers. The index is the op's own (same
+    combined mask, same cache): one host read per forward pass for the whole model."""
+    if glob is None or torch.compiler.is_compiling() or is_exporting():
+        return None
+    if not (_plain_linear(module.key_global) and _plain_linear(module.value_global)):
+        return None
+    index = global_index(glob if pad is None else global_without_padding(glob, pad))
+    return index if pays(index[2], module.head_dim) else None
+
+
+def _scale_heads(out: torch.Tensor, layer_head_mask: torch.Tensor | None) -> torch.Tensor:
+    """`out (B, N, H, D)` times `layer_head_mask (H,)` per head: HF multiplies both probability matrices by the
+    head's weight, which scales that head's output rows, local and global."""
+    if layer_head_mask is None:
+        return out
+    return out * layer_head_mask.to(out.dtype).view(1, 1, -1, 1)
+
+
+def _plain_linear(linear: nn.Module) -> bool:
+    """Whether `linear` computes exactly `x @ weight.T + bias` from its own two parameters: an `nn.Linear` (not a
+    subclass or a wrapper: LoRA adapters, quantized layers) with no forward hooks, so that its weight and bias may
+    be used without calling it."""
+    return type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+
+
+def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch.Tensor,
+                            pad: torch.Tensor | None) -> torch.Tensor:
+    """`linear(x)` on the global rows of `x (B, N, C)`, zeros elsewhere: the op reads `q_global` on global,
+    non-padding rows only, so (as in HF) only those rows are projected, sparing a full `(B, N, C)` matmul, its
+    activation and its weight-gradient matmul. The compact index is the op's own (same combined mask, same cache):
+    one host read per forward pass, shared by every layer. Under `torch.compile` and the exporters (where that
+    read would break the graph) the whole projection runs instead."""
+    if torch.compiler.is_compiling() or is_exporting():
+        return linear(x)
+    if pad is not None:
+        is_global = global_without_padding(is_global, pad)
+    idx, counts, g = global_index(is_global)
+    if g == 0:
+        return linear(x)
+    b, n, c = x.shape
+    idx = idx.long()
+    used = torch.arange(g, device=x.device)[None, :] < counts[:, None]
+    rows = linear(x.gather(1, idx[..., None].expand(b, g, c)))
+    # Entries past a row's count hold arbitrary (distinct) positions: they add exact zeros.
+    rows = torch.where(used[..., None], rows, 0.0)
+    return rows.new_zeros(b, n, rows.shape[-1]).scatter_add(1, idx[..., None].expand_as(rows), rows)

@@ -1,0 +1,222 @@
+"""What prefix-propagation (`propagation.py`) and prefix-tuning (`tuning.py`) share on Hugging Face Longformer and
+LED models.
+
+Both work by wrapping, not by copying HF's modeling code:
+
+* propagation: the base model's `forward` (`LongformerModel`, or the `LEDEncoder` of an LED model) is wrapped
+  so that `P` prefix slots are prepended as real positions `0..P-1`, marked global, with a zero word embedding
+  (so HF's own embedding layer gives `LayerNorm(position_embeddings[i] + token_type_embeddings[0])` there) and
+  the text positions shifted by `P`; a forward pre-hook on every layer adds `dropout(prefix[l])` to the prefix
+  rows; the wrapper strips the prefix rows from every output again, so heads and output fields keep their
+  shapes. The prefix slots are ordinary global tokens to the attention op.
+* tuning: each patched self-attention module gets its layer's `prefix_key` / `prefix_value`, which reach the
+  op as `prefix_k` / `prefix_v`; the text position ids are shifted by `P` (HF's `past_key_values_length`
+  convention). No token becomes global because of the prefix.
+
+The prefix module is registered on the model (`model.prefix_propagation` / `model.prefix_tuning`), so it is in
+the state dict and moves with `.to()`; the wrapper and hooks reach it through plain (non-module) references,
+which `copy.deepcopy` maps onto the copy's prefix.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from ..hf.patching import patch_longformer
+from .backbone import _Backbone
+
+# The config attribute `apply_prefix_*` writes (saved in config.json by `save_pretrained`), and the model attribute
+# each method's prefix module is registered under.
+PREFIX_CONFIG_KEY = "prefix_kernels"
+_ATTRS = {"propagation": "prefix_propagation", "tuning": "prefix_tuning"}
+
+
+def _forward_arg_names(module: nn.Module) -> tuple[str, ...]:
+    return tuple(inspect.signature(type(module).forward).parameters)[1:]
+
+
+def _shifted_positions(
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    shape: tuple[int, int],
+    num_prefix: int,
+    padding_idx: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Longformer text position ids shifted by `P`: `(B, N)` long, padding tokens keep `padding_idx`.
+
+    Given ids are shifted where they are not `padding_idx`, so passing HF's default positions explicitly gives
+    the same result as passing none.
+    """
+    if position_ids is not None:
+        return torch.where(position_ids == padding_idx, position_ids, position_ids + num_prefix)
+    if input_ids is not None:
+        # HF's `create_position_ids_from_input_ids` with `past_key_values_length = P`.
+        mask = input_ids.ne(padding_idx).int()
+        return ((torch.cumsum(mask, dim=1).type_as(mask) + num_prefix) * mask).long() + padding_idx
+    b, n = shape
+    start = padding_idx + 1 + num_prefix
+    return torch.arange(start, start + n, dtype=torch.long, device=device).unsqueeze(0).expand(b, n)
+
+
+def _config_return_dict(config) -> bool:
+    return bool(getattr(config, "return_dict", True))
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The wrapped base forward
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _WrappedForward:
+    """Stands in for `base.forward` (an instance attribute); shows the original signature to `inspect`
+    (HF `Trainer` reads it to pick dataset columns) and hands the bound call to the prefix module.
+    """
+
+    def __init__(self, prefix: _Prefix, base: nn.Module):
+        self.prefix = prefix
+        self.base = base
+        self.inner = base.__dict__.get("forward")  # e.g. an accelerate hook that was already there
+        self.arg_names = _forward_arg_names(base)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.inner if self.inner is not None else type(self.base).forward.__get__(self.base))
+
+    def call_inner(self, call: dict) -> object:
+        if self.inner is not None:
+            return self.inner(**call)
+        return type(self.base).forward(self.base, **call)
+
+    def __call__(self, *args, **kwargs):
+        call = dict(zip(self.arg_names, args, strict=False))
+        call.update(kwargs)
+        return self.prefix._base_forward(self, call)
+
+
+def _cat_front(t: torch.Tensor | None, front: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else torch.cat([front.to(t.dtype), t], dim=1)
+
+
+class _Prefix(nn.Module):
+    """Shared plumbing of the two prefix modules."""
+
+    method: str
+
+    def __init__(self, backbone: _Backbone, num_prefix: int, dropout: float | None):
+        super().__init__()
+        if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 1:
+            raise ValueError(f"num_prefix must be a positive int, got {num_prefix!r}")
+        p = backbone.hidden_dropout if dropout is None else float(dropout)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_prefix = num_prefix
+        self.num_layers = backbone.num_layers
+        self.hidden_size = backbone.hidden_size
+        self.num_heads = backbone.num_heads
+        self.kind = backbone.kind
+        self.padding_idx = backbone.padding_idx
+        self.positions = backbone.positions
+        self.window = backbone.window
+        self.dropout = nn.Dropout(p)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, num_prefix={self.num_prefix}, num_layers={self.num_layers}"
+
+    @property
+    def max_length(self) -> int:
+        """The longest input (in tokens, padding included) the model's position table takes with this prefix.
+
+        Longformer numbers text positions from `padding_idx + 1 + P`. LED numbers the positions of the sequence
+        after Hugging Face padded it to a multiple of the window `W`: prefix-propagation pads `P + N`,
+        prefix-tuning starts the padded text at position `P`.
+        """
+        p, w = self.num_prefix, self.window
+        if self.kind == "longformer":
+            return self.positions - self.padding_idx - 1 - p
+        if self.method == "propagation":
+            return self.positions // w * w - p
+        return (self.positions - p) // w * w
+
+    def check_length(self, n: int) -> None:
+        """`ValueError` naming the limit before an input of `n` tokens reaches the position embedding."""
+        if n <= self.max_length:
+            return
+        if self.kind == "longformer":
+            how = (f"the position table has max_position_embeddings={self.positions} rows, text positions start at "
+                   f"padding_idx + 1 + P = {self.padding_idx + 1 + self.num_prefix}")
+        else:
+            what = "the P prefix slots and the input together" if self.method == "propagation" else "the input"
+            how = (f"the position table has max_encoder_position_embeddings={self.positions} rows, and Hugging Face "
+                   f"pads {what} to a multiple of the attention window ({self.window}) before numbering positions"
+                   f"{'' if self.method == 'propagation' else f' from P = {self.num_prefix}'}")
+        raise ValueError(
+            f"input of {n} tokens is too long for prefix-{self.method} with P={self.num_prefix} prefix slots: the "
+            f"limit is {self.max_length} tokens ({how})"
+        )
+
+    def config_record(self) -> dict:
+        """What `from_pretrained_with_prefix` needs to rebuild this prefix (stored in `config.prefix_kernels`)."""
+        return {"method": self.method, "num_prefix": self.num_prefix, "dropout": self.dropout.p}
+
+    def _base_forward(self, wrapper: _WrappedForward, call: dict):
+        raise NotImplementedError
+
+    def require_input_grads(self, checkpointed: list[nn.Module], module: nn.Module, args: tuple, output):
+        """Embedding forward hook: under reentrant gradient checkpointing (transformers 4.x's default) a layer
+        whose inputs need no gradient returns outputs without one, and the frozen backbone's embeddings need
+        none, so the prefix used inside the layers would get no gradient. Mark the embeddings as needing one.
+        """
+        if (
+            torch.is_grad_enabled()
+            and not output.requires_grad
+            and any(getattr(m, "gradient_checkpointing", False) and m.training for m in checkpointed)
+        ):
+            output.requires_grad_(True)
+        return output
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Installing a prefix on a model
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _existing_prefix(model: nn.Module) -> _Prefix | None:
+    return next((m for m in model.modules() if isinstance(m, _Prefix)), None)
+
+
+def _freeze(model: nn.Module, backbone: _Backbone, prefix: _Prefix) -> None:
+    """Everything trains except the backbone (and what is tied to it); the prefix trains."""
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in backbone.frozen_ids)
+    for p in prefix.parameters():
+        p.requires_grad_(True)
+
+
+def _install(model: nn.Module, backbone: _Backbone, prefix: _Prefix) -> None:
+    """Register the prefix on the model, hook the embeddings for checkpointing, freeze the backbone."""
+    ref = next(backbone.base.parameters())
+    prefix.to(device=ref.device, dtype=ref.dtype)
+    prefix.train(model.training)  # a fresh module trains; its dropout must follow the model's mode
+    model.add_module(_ATTRS[prefix.method], prefix)
+    # Saved in config.json by save_pretrained / Trainer, so `from_pretrained_with_prefix` can rebuild the prefix
+    # and a plain `from_pretrained` can be told what it dropped.
+    setattr(backbone.config, PREFIX_CONFIG_KEY, prefix.config_record())
+    hook = functools.partial(prefix.require_input_grads, backbone.checkpointed)
+    backbone.embedding_output.register_forward_hook(hook)
+    _freeze(model, backbone, prefix)
+
+
+def _prepare(model: nn.Module, backend: str) -> _Backbone:
+    if _existing_prefix(model) is not None:
+        raise ValueError("this model already has a prefix; build a fresh model to apply another")
+    backbone = _Backbone(model)
+    patch_longformer(model, backend)
+    return backbone
