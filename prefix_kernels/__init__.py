@@ -8,8 +8,7 @@ the parameter-efficient prefixes (`prefix/`). The package is layered, each layer
 """
 
 from .attention import auto_skips, available_backends, longformer_attention
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "patch_longformer": "hf.patching",
@@ -26,7 +25,7 @@ _LAZY = {
     "PrefixTuning": "prefix",
 }
 
-__all__ = ["longformer_attention", "available_backends", "auto_skips", *_LAZY]
+__all__ = ["__version__", "longformer_attention", "available_backends", "auto_skips", *_LAZY]
 
 
 def __getattr__(name: str):

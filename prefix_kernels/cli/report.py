@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from .. import __version__
 from ..attention import BACKEND_ORDER, auto_skips, available_backends, longformer_attention, resolve_backend
+from ..version import __version__
 from .args import HelpFormatter, default_device, device_arg, positive_int
 from .memory import peak_memory
 
