@@ -11,7 +11,7 @@ Dispatch, per call (`_dispatch`):
   ops with shapes that follow from the input shapes alone;
 * else the backend: an explicit one that cannot serve raises `ValueError` with the reason; `"auto"` takes the first
   of `BACKEND_ORDER` that can, except a backend that only emulates its kernels (Triton's interpreter,
-  `TRITON_INTERPRET=1`: thousands of times slower than the reference backend, so `auto` never picks it; an explicit
+  `TRITON_INTERPRET=1`: far slower than the reference backend, so `auto` never picks it; an explicit
   `"triton"` runs it). `PREFIX_KERNELS_BACKEND` overrides the `backend` argument;
 * under `torch.compile` the reference backend, which sizes its tensors by a host read of the global count, runs
   eagerly between two graphs (a graph break; `fullgraph=True` needs a fused backend).

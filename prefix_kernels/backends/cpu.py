@@ -59,8 +59,8 @@ from ..core import masks as mask_cache
 from ..core.poison import new_output
 
 # Query rows per block: `min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2w))`. Smaller blocks waste fewer masked band entries
-# (useful fraction `(2w + 1) / (c + 2w)`), larger ones make larger matrix products: 64 was fastest at w = 64 and
-# 128, 16-32 at w = 16 (BENCHMARKS.md, "CPU path").
+# (useful fraction `(2w + 1) / (c + 2w)`), larger ones make larger matrix products; the bounds were chosen by timing
+# (BENCHMARKS.md, "CPU path").
 BLOCK_ROWS = 64
 MIN_BLOCK_ROWS = 16
 # Bytes of scores per group (`g * H * c * Lt` elements): enough work per matmul call, small enough that the
@@ -184,7 +184,7 @@ class _DropoutMasks:
     def next(self, shape: torch.Size) -> torch.Tensor:
         numel = math.prod(shape)
         words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=self.generator)
-        # In the compute dtype: multiplying bf16 by a bool tensor takes 7x longer than by bf16 (mixed dtypes).
+        # In the compute dtype: multiplying bf16 by a bool tensor takes a slow mixed-dtype path.
         return (words.view(torch.int16)[:numel].view(shape) >= self.threshold).to(self.dtype)
 
 
@@ -320,7 +320,7 @@ class _GlobalRows:
 
     def keys(self, b: int, t: torch.Tensor) -> torch.Tensor:
         """`(H, N, D)` view of `t[b]`, copied for low-precision dtypes: their products on a strided transposed
-        operand take a slow path (10x in bf16), fp32 products read it as it is (BENCHMARKS.md, "CPU path")."""
+        operand take a slow path, fp32 products read it as it is (BENCHMARKS.md, "CPU path")."""
         view = t[b].transpose(0, 1)
         return view if view.dtype == torch.float32 else view.contiguous()
 

@@ -67,10 +67,10 @@ def _token_tables(key_padding_mask, global_idx, global_count, b: int, n: int, de
 # on tensor cores, "tf32" fp32 on TF32 tensor cores, "ieee" fp32 on the FMA units. Chosen from the compiled
 # resources (`benchmarks/kernel_resources.py`: no spills in fp16 / bf16, shared memory within the arch's limit,
 # fewest SASS instructions per tile; BENCHMARKS.md has the figures) and, for the 16-bit forward at D = 64, from the
-# H200 timings of the earlier kernels (64 x 64 tiles, 4 warps, 3 stages beat 128-row tiles). sm_80's `mma.sync`
-# backward spills with 64-row query tiles, hence 32 rows there (and fewer with dropout or a ragged N: `_config`);
-# IEEE fp32 dots need about twice the registers of a tensor-core tile, hence 16-key tiles in its backward and at
-# D = 128. To be confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); no autotuning at run time.
+# GPU timings of the earlier kernels (BENCHMARKS.md: 64 x 64 tiles, 4 warps, 3 stages beat 128-row tiles). sm_80's
+# `mma.sync` backward spills with 64-row query tiles, hence 32 rows there (and fewer with dropout or a ragged N:
+# `_config`); IEEE fp32 dots need about twice the registers of a tensor-core tile, hence 16-key tiles in its backward
+# and at D = 128. To be confirmed by measurement on a GPU (`benchmarks/gpu_bench.sh`); no autotuning at run time.
 _TILES = {
     "16bit": {64: {90: ((64, 64, 4, 3), (64, 64, 4, 2)), 80: ((64, 64, 4, 3), (32, 64, 4, 2))},
               128: {90: ((64, 64, 8, 2), (64, 64, 8, 2)), 80: ((64, 64, 8, 2), (32, 64, 8, 2))}},
