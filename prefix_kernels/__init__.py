@@ -21,6 +21,7 @@ _LAZY = {
     "save_prefix": "prefix",
     "load_prefix": "prefix",
     "from_pretrained_with_prefix": "prefix",
+    "unfreeze_prefix": "prefix",
     "PrefixPropagation": "prefix",
     "PrefixTuning": "prefix",
 }

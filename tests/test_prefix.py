@@ -447,7 +447,7 @@ def test_position_limit_is_named_before_the_embedding(name, apply, monkeypatch):
         model(**inputs(prefix.max_length))
         with pytest.raises(ValueError, match=rf"{prefix.max_length + 1} tokens .*P={P} .*limit is {prefix.max_length}"):
             model(**inputs(prefix.max_length + 1))
-        monkeypatch.setattr(type(prefix), "check_length", lambda self, n: None)
+        monkeypatch.setattr(type(prefix), "check_length", lambda self, n, positions=None: None)
         with pytest.raises(IndexError):
             model(**inputs(prefix.max_length + 1))
 

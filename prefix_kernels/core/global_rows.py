@@ -63,18 +63,21 @@ def global_rows_from_hidden(
     b, n, c = x.shape
     g, h, d = qg.shape[1:]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    qx = torch.einsum("bghd,hdc->bghc", qg, key_weight.view(h, d, c))
+    # The softmax scale is folded into the queries before any product, so 16-bit scores stay as finite as the
+    # scaled scores of the reference (scaling the unscaled `x . (Wk^T qg)` afterwards overflows first).
+    qs = qg * scale
+    qx = torch.einsum("bghd,hdc->bghc", qs, key_weight.view(h, d, c))
     # x untransposed in the product: its gradient comes out contiguous (a transposed one costs a strided
     # accumulation into the gradient of x, slow in bf16).
     scores = torch.bmm(x, qx.reshape(b, g * h, c).transpose(1, 2)).transpose(1, 2).view(b, g, h, n)
     if key_bias is not None:
-        scores = scores + (qg * key_bias.view(h, d)).sum(-1, keepdim=True)
+        scores = scores + (qs * key_bias.view(h, d)).sum(-1, keepdim=True)
     allowed = (torch.arange(g, device=x.device) < counts[:, None])[:, :, None, None]  # (B, G, 1, 1): used slots
     key_ok = allowed if key_padding_mask is None else allowed & ~key_padding_mask[:, None, None, :]
     if prefix_k is not None:
-        scores = torch.cat([scores, torch.einsum("bghd,phd->bghp", qg, prefix_k)], dim=-1)
+        scores = torch.cat([scores, torch.einsum("bghd,phd->bghp", qs, prefix_k)], dim=-1)
         key_ok = torch.cat([key_ok.expand(b, g, 1, n), allowed.expand(b, g, 1, prefix_k.shape[0])], dim=-1)
-    probs = masked_softmax(scores.to(cdt) * scale, key_ok)
+    probs = masked_softmax(scores.to(cdt), key_ok)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p, training=True)
     probs = probs.to(x.dtype)

@@ -9,17 +9,24 @@ them is computed once per forward pass and reused by every layer and by the back
 * the backends' own tables (`backends/triton/launch.py`: token kinds, `backends/cpu.py`: block masks), built from
   the two above through `cached`.
 
-The rule, stated once here for all of them: an entry is keyed on a namespace, the caller's extra key and the
-*identity* of its source tensors; it holds those tensors by weak reference (it goes away with them, so the cache
-never keeps a batch alive) and records their `_version` (an in-place edit of a mask rebuilds it). Derived entries
-chain: the global index is keyed on the combined mask object, the backend tables on the global index objects, so
-one new mask tensor invalidates everything built from it, and nothing else.
+The rule, stated once here for all of them: an entry is keyed on a namespace, the caller's extra key, whether
+inference mode is on, and the *identity* of its source tensors; it holds those tensors by weak reference (it goes
+away with them, so the cache never keeps a batch alive) and records their `_version` (an in-place edit of a mask
+rebuilds it). Derived entries chain: the global index is keyed on the combined mask object, the backend tables on
+the global index objects, so one new mask tensor invalidates everything built from it, and nothing else.
+
+Inference mode. A value built under `torch.inference_mode()` is an inference tensor, which autograd cannot save:
+it is only reused under inference mode (the mode is part of the key). A source that is itself an inference tensor
+has no version counter, so an in-place edit of it could not be seen: such entries are kept only inside
+`one_forward_pass()`, the scope of one model forward (the patched encoders open it, `hf/patching.py`), during which
+no mask is edited, and dropped when it closes; outside it they are rebuilt on every call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +39,9 @@ class TensorCache:
         self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], Any]] = {}
 
     def get(self, sources: tuple[torch.Tensor, ...], build: Callable[[], Any], key: Hashable = ()) -> Any:
-        full_key = (key, tuple(id(t) for t in sources))
+        full_key = (key, torch.is_inference_mode_enabled(), tuple(id(t) for t in sources))
+        if any(t.is_inference() for t in sources):
+            return _inference_entry(full_key, sources, build)
         versions = tuple(t._version for t in sources)
         hit = self._entries.get(full_key)
         if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], sources, strict=True)):
@@ -51,6 +60,31 @@ class TensorCache:
 
 
 _CACHE = TensorCache()
+# Entries whose sources are inference tensors, per open `one_forward_pass` scope (innermost last): key -> (sources,
+# value); the sources are held strongly, for the scope's duration only.
+_PASS_SCOPES: list[dict[tuple, tuple[tuple[torch.Tensor, ...], Any]]] = []
+
+
+@contextlib.contextmanager
+def one_forward_pass() -> Iterator[None]:
+    """The scope of one model forward: masks that are inference tensors are cached too, until it closes."""
+    _PASS_SCOPES.append({})
+    try:
+        yield
+    finally:
+        _PASS_SCOPES.pop()
+
+
+def _inference_entry(full_key: tuple, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
+    if not _PASS_SCOPES:
+        return build()
+    scope = _PASS_SCOPES[-1]
+    hit = scope.get(full_key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
+        return hit[1]
+    value = build()
+    scope[full_key] = (sources, value)
+    return value
 
 
 def cached(namespace: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any], key: Hashable = ()) -> Any:

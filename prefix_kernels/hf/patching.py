@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..attention import check_backend_name
+from ..core.masks import one_forward_pass
 from ..core.static import is_exporting
 from .self_attention import _FusedSelfAttention, run_build_checks
 
@@ -79,14 +80,16 @@ class _GlobalFlagIsConstant(TorchFunctionMode):
 
 class _TraceableEncoder:
     """Mixin placed in front of HF's `LongformerEncoder` / `LEDEncoder`: the same `forward`, without the
-    host read of the batch-wide global flag while `torch.compile` or an exporter traces it."""
+    host read of the batch-wide global flag while `torch.compile` or an exporter traces it; run eagerly, inside
+    one `core.masks.one_forward_pass()` scope."""
 
     _hf_class: type
     _hf_arg_names: tuple[str, ...]
 
     def forward(self, *args, **kwargs):
         if not (torch.compiler.is_compiling() or is_exporting()):
-            return super().forward(*args, **kwargs)
+            with one_forward_pass():  # every layer shares the masks' derived values, inference tensors included
+                return super().forward(*args, **kwargs)
         call = dict(zip(self._hf_arg_names, args, strict=False))
         call.update(kwargs)
         wants_maps = call.get("output_attentions")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_mod
 
 from ..attention import local_rows_attention, longformer_attention
 from ..core.global_rows import global_rows_from_hidden, pays
@@ -170,10 +171,21 @@ def _scale_heads(out: torch.Tensor, layer_head_mask: torch.Tensor | None) -> tor
 
 
 def _plain_linear(linear: nn.Module) -> bool:
-    """Whether `linear` computes exactly `x @ weight.T + bias` from its own two parameters: an `nn.Linear` (not a
-    subclass or a wrapper: LoRA adapters, quantized layers) with no forward hooks, so that its weight and bias may
-    be used without calling it."""
-    return type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+    """Whether `linear` computes exactly `x @ weight.T + bias` from its own two parameters and nothing observes or
+    changes the call: an `nn.Linear` (not a subclass or a wrapper: LoRA adapters, quantized layers) with no hook of
+    its own (forward, forward pre-, backward, backward pre-) and no global module hook, so that its weight and bias
+    may be used without calling it."""
+    if type(linear) is not nn.Linear:
+        return False
+    own = (linear._forward_hooks, linear._forward_pre_hooks, linear._backward_hooks, linear._backward_pre_hooks)
+    return not any(own) and not any(_global_module_hooks())
+
+
+def _global_module_hooks() -> tuple[dict, ...]:
+    """The hooks `torch.nn.modules.module.register_module_*_hook` install for every module."""
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+    return tuple(getattr(module_mod, name, {}) for name in names)
 
 
 def _global_rows_projection(linear: nn.Module, x: torch.Tensor, is_global: torch.Tensor,

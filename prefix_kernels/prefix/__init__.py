@@ -3,6 +3,7 @@
 checkpoints (`checkpoint.py`).
 """
 
+from .base import unfreeze_prefix
 from .checkpoint import from_pretrained_with_prefix, load_prefix, save_prefix
 from .propagation import PrefixPropagation, apply_prefix_propagation
 from .tuning import PrefixTuning, apply_prefix_tuning
@@ -15,4 +16,5 @@ __all__ = [
     "from_pretrained_with_prefix",
     "load_prefix",
     "save_prefix",
+    "unfreeze_prefix",
 ]

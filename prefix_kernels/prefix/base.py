@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 from torch import nn
 
+from ..core.static import is_exporting
 from ..hf.patching import patch_longformer
 from .backbone import _Backbone
 
@@ -65,9 +67,6 @@ def _shifted_positions(
 
 def _config_return_dict(config) -> bool:
     return bool(getattr(config, "return_dict", True))
-
-
-# ------------------------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -126,15 +125,18 @@ class _Prefix(nn.Module):
         self.positions = backbone.positions
         self.window = backbone.window
         self.dropout = nn.Dropout(p)
+        self._warned_frozen = False
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, num_prefix={self.num_prefix}, num_layers={self.num_layers}"
 
     @property
     def max_length(self) -> int:
-        """The longest input (in tokens, padding included) the model's position table takes with this prefix.
+        """The most tokens of an input that can take a position in the model's position table with this prefix.
 
-        Longformer numbers text positions from `padding_idx + 1 + P`. LED numbers the positions of the sequence
+        Longformer numbers text positions from `padding_idx + 1 + P`; padding tokens (`input_ids` equal to the pad
+        token) take no position (HF gives them `padding_idx`), so the limit is on each row's real tokens, not on
+        the padded length (with `inputs_embeds` every token takes one). LED numbers every position of the sequence
         after Hugging Face padded it to a multiple of the window `W`: prefix-propagation pads `P + N`,
         prefix-tuning starts the padded text at position `P`.
         """
@@ -145,21 +147,31 @@ class _Prefix(nn.Module):
             return self.positions // w * w - p
         return (self.positions - p) // w * w
 
-    def check_length(self, n: int) -> None:
-        """`ValueError` naming the limit before an input of `n` tokens reaches the position embedding."""
-        if n <= self.max_length:
+    def check_length(self, n: int, positions: torch.Tensor | None = None) -> None:
+        """`ValueError` naming the limit before an input of `n` tokens reaches the position embedding.
+
+        Longformer, with the text position ids `positions (B, N)`: the tokens that take a position are counted from
+        their largest id (one host read). Under `torch.compile` and the exporters that read would break the graph,
+        so the check stays on shapes there: all `n` tokens count, padding included.
+        """
+        tokens, what = n, "tokens"
+        traced = torch.compiler.is_compiling() or is_exporting()
+        if self.kind == "longformer" and positions is not None and positions.numel() and not traced:
+            tokens, what = int(positions.max()) - self.padding_idx - self.num_prefix, "tokens that take a position"
+        if tokens <= self.max_length:
             return
         if self.kind == "longformer":
             how = (f"the position table has max_position_embeddings={self.positions} rows, text positions start at "
-                   f"padding_idx + 1 + P = {self.padding_idx + 1 + self.num_prefix}")
+                   f"padding_idx + 1 + P = {self.padding_idx + 1 + self.num_prefix}; padding tokens take none"
+                   f"{' (counted here: under torch.compile and export the check is on the shape)' if traced else ''}")
         else:
-            what = "the P prefix slots and the input together" if self.method == "propagation" else "the input"
+            what_pads = "the P prefix slots and the input together" if self.method == "propagation" else "the input"
             how = (f"the position table has max_encoder_position_embeddings={self.positions} rows, and Hugging Face "
-                   f"pads {what} to a multiple of the attention window ({self.window}) before numbering positions"
-                   f"{'' if self.method == 'propagation' else f' from P = {self.num_prefix}'}")
+                   f"pads {what_pads} to a multiple of the attention window ({self.window}) before numbering "
+                   f"positions{'' if self.method == 'propagation' else f' from P = {self.num_prefix}'}")
         raise ValueError(
-            f"input of {n} tokens is too long for prefix-{self.method} with P={self.num_prefix} prefix slots: the "
-            f"limit is {self.max_length} tokens ({how})"
+            f"input of {tokens} {what} is too long for prefix-{self.method} with P={self.num_prefix} prefix slots: "
+            f"the limit is {self.max_length} tokens ({how})"
         )
 
     def config_record(self) -> dict:
@@ -168,6 +180,21 @@ class _Prefix(nn.Module):
 
     def _base_forward(self, wrapper: _WrappedForward, call: dict):
         raise NotImplementedError
+
+    def warn_if_frozen(self) -> None:
+        """Warn once when the model trains while no prefix parameter takes a gradient: `peft.get_peft_model`
+        freezes every parameter that is not an adapter's, the prefix included, without a word."""
+        if (self._warned_frozen or not self.training or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or any(p.requires_grad for p in self.parameters())):
+            return
+        self._warned_frozen = True
+        warnings.warn(
+            f"the prefix-{self.method} prefix is frozen while the model trains (peft.get_peft_model freezes every "
+            "parameter that is not an adapter's): call prefix_kernels.unfreeze_prefix(model) after wrapping the "
+            "model, or ignore this if the prefix is meant to stay fixed",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def require_input_grads(self, checkpointed: list[nn.Module], module: nn.Module, args: tuple, output):
         """Embedding forward hook: under reentrant gradient checkpointing (transformers 4.x's default) a layer
@@ -220,3 +247,22 @@ def _prepare(model: nn.Module, backend: str) -> _Backbone:
     backbone = _Backbone(model)
     patch_longformer(model, backend)
     return backbone
+
+
+def unfreeze_prefix(model: nn.Module) -> _Prefix:
+    """Make the prefix of `model` trainable again and return its module.
+
+    For `peft.get_peft_model(model, config)` on a prefix model: PEFT freezes every parameter that is not an
+    adapter's (it keeps the task head trainable through `modules_to_save`), the prefix included; call this after it.
+    Wrappers (a `PeftModel`, DDP) are looked through. Do not list the prefix module in `modules_to_save`: PEFT would
+    train a copy that the model never uses (this raises `ValueError` when it finds such a copy).
+    """
+    found = [m for m in model.modules() if isinstance(m, _Prefix)]
+    if not found:
+        raise ValueError("this model has no prefix: call apply_prefix_propagation or apply_prefix_tuning first")
+    if len(found) > 1:
+        raise ValueError(f"this model holds {len(found)} prefix modules (a copy, e.g. from PEFT's modules_to_save, "
+                         "which the model does not use): keep the prefix out of modules_to_save")
+    for p in found[0].parameters():
+        p.requires_grad_(True)
+    return found[0]

@@ -12,6 +12,23 @@ from torch import nn
 from .backbone import _Backbone
 from .base import _cat_front, _config_return_dict, _install, _Prefix, _prepare, _shifted_positions, _WrappedForward
 
+# The prefix rows of the last base forward of a `pool_prefix` model, for its classifier (`_pool_prefix_hook`). A
+# plain holder, not state of the prefix module: the classifier's hook then holds no reference to the module, so a
+# copy of the classifier alone (PEFT's `modules_to_save` deep-copies the head) still finds the rows.
+_POOLED: list[torch.Tensor | None] = [None]
+
+
+def _pool_prefix_hook(module: nn.Module, args: tuple):
+    """Classifier pre-hook: hand the head the prefix rows, so its `[:, 0]` pools prefix slot 0.
+
+    The rows were kept by the base forward that ran just before; a direct call of the head (no such forward) gets
+    its own input.
+    """
+    states, _POOLED[0] = _POOLED[0], None
+    if states is None:
+        return None
+    return (states, *args[1:])
+
 
 class PrefixPropagation(_Prefix):
     """Prefix-propagation: `prefix` `(L, P, C)`, added to the `P` global prefix slots before each layer."""
@@ -22,7 +39,6 @@ class PrefixPropagation(_Prefix):
         super().__init__(backbone, num_prefix, dropout)
         self.pool_prefix = bool(pool_prefix)
         self.prefix = nn.Parameter(torch.randn(self.num_layers, num_prefix, self.hidden_size) * init_std)
-        self._prefix_states: torch.Tensor | None = None  # last forward's prefix rows, for `pool_prefix`
 
     def config_record(self) -> dict:
         return {**super().config_record(), "pool_prefix": self.pool_prefix}
@@ -37,24 +53,15 @@ class PrefixPropagation(_Prefix):
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
 
-    def pool_prefix_hook(self, module: nn.Module, args: tuple):
-        """Classifier pre-hook: hand the head the prefix rows, so its `[:, 0]` pools prefix slot 0.
-
-        The rows were kept by the base forward that ran just before; a direct call of the head (no such
-        forward) gets its own input.
-        """
-        states, self._prefix_states = self._prefix_states, None
-        if states is None:
-            return None
-        return (states, *args[1:])
-
     def _prepend(self, call: dict, embed_tokens: nn.Module) -> tuple[int, int]:
         """Prepend the `P` slots to the call's inputs in place; returns `(B, N)` of the user's input."""
         p = self.num_prefix
         ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
         if embeds is None and ids is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
-        self.check_length((ids if embeds is None else embeds).shape[1])
+        n_in = (ids if embeds is None else embeds).shape[1]
+        if self.kind == "led":
+            self.check_length(n_in)
         if embeds is None:
             embeds = embed_tokens(ids)
         b, n = embeds.shape[:2]
@@ -73,12 +80,14 @@ class PrefixPropagation(_Prefix):
         if self.kind == "longformer":
             call["token_type_ids"] = _cat_front(call.get("token_type_ids"), torch.zeros(b, p, device=dev))
             text = _shifted_positions(ids, call.get("position_ids"), (b, n), p, self.padding_idx, dev)
+            self.check_length(n, text)
             front = torch.arange(p, device=dev).unsqueeze(0).expand(b, p)
             call["position_ids"] = torch.cat([front, text], dim=1)
         # LED's encoder numbers positions 0.. itself, so the text lands at P.. without help.
         return b, n
 
     def _base_forward(self, wrapper: _WrappedForward, call: dict):
+        self.warn_if_frozen()
         base, p = wrapper.base, self.num_prefix
         embed_tokens = base.embeddings.word_embeddings if self.kind == "longformer" else base.embed_tokens
         self._prepend(call, embed_tokens)
@@ -89,7 +98,7 @@ class PrefixPropagation(_Prefix):
 
         full = out.last_hidden_state
         if self.pool_prefix:
-            self._prefix_states = full[:, :p].contiguous()  # not a view: the full rows need not stay alive
+            _POOLED[0] = full[:, :p].contiguous()  # not a view: the full rows need not stay alive
         fields = {"last_hidden_state": full[:, p:]}
         if getattr(out, "hidden_states", None) is not None:
             fields["hidden_states"] = tuple(s[:, p:] for s in out.hidden_states)
@@ -150,5 +159,5 @@ def apply_prefix_propagation(
     for i, layer in enumerate(backbone.layers):
         layer.register_forward_pre_hook(functools.partial(prefix.add_prefix, i), with_kwargs=True)
     if pool_prefix:
-        model.classifier.register_forward_pre_hook(prefix.pool_prefix_hook)
+        model.classifier.register_forward_pre_hook(_pool_prefix_hook)
     return prefix

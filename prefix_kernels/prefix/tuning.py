@@ -45,21 +45,21 @@ class PrefixTuning(_Prefix):
         return None
 
     def _base_forward(self, wrapper: _WrappedForward, call: dict):
+        self.warn_if_frozen()
         ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
         src = ids if ids is not None else embeds
         if src is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         shape = tuple(src.shape[:2])
-        self.check_length(shape[1])
         if self.kind == "longformer":
             call["position_ids"] = _shifted_positions(
                 ids, call.get("position_ids"), shape, self.num_prefix, self.padding_idx, src.device
             )
+            self.check_length(shape[1], call["position_ids"])
+        else:
+            self.check_length(shape[1])
         # LED: `shift_led_positions` starts the (padded) text at position P.
         return wrapper.call_inner(call)
-
-
-# ------------------------------------------------------------------------------------------------------------
 
 
 def apply_prefix_tuning(
