@@ -27,10 +27,11 @@ nothing. A local row always sees at least itself, so no live row is ever fully m
 
 Backward. Each group's scores and softmax are recomputed (every key of a row is in its block, so the softmax is
 one fused pass: cheaper than computing a log-sum-exp in the forward and `exp(s - lse)` here); `dS` comes from
-`torch._softmax_backward_data`; the softmax scale and the dropout scale are folded into the output gradient,
-so no pass over the scores multiplies by them. Band-key gradients are overlap-added (the windows of
-neighbouring blocks overlap by `2w`) into fp32 buffers; global-key and prefix gradients are summed over the
-blocks in fp32. `lse`, which the contract lets each backend define, is unused here: zeros.
+`torch._softmax_backward_data` in fp32 (fp32 probabilities and `rowsum(P * dP)`, rounded once); the softmax scale
+and the dropout scale are folded into the output gradient, so no pass over the scores multiplies by them.
+Band-key gradients are overlap-added (the windows of neighbouring blocks overlap by `2w`) into fp32 buffers;
+global-key and prefix gradients are summed over the blocks in fp32. `lse`, which the contract lets each backend
+define, is unused here: zeros.
 
 Dropout (`p > 0`): one 16-bit word per (row, column) of each group from a `torch.Generator` seeded with the op's
 seed (local rows, group by group; the global rows draw `(H, G, N + P)` per batch row from one seeded with
@@ -42,9 +43,10 @@ order, so it replays the forward's masks exactly, and so does a gradient checkpo
 from torch's generator).
 
 dtypes: fp32 computes in fp32. bf16 computes in bf16 matmuls (fp32 accumulation inside each product; softmax
-statistics in fp32; scores, probabilities and `dS` rounded to bf16, as Hugging Face's eager attention does on a
-CPU). fp16 computes in fp32 and rounds the results: CPUs without AVX512-FP16 have no fast fp16 matrix products
-(see BENCHMARKS.md). fp64 stays on the reference backend.
+statistics in fp32; scores, probabilities and `dS` rounded to bf16 for the products, as Hugging Face's eager
+attention does on a CPU; the softmax backward itself in fp32, as there). fp16 computes in fp32 and rounds the
+results: CPUs without AVX512-FP16 have no fast fp16 matrix products (see BENCHMARKS.md). fp64 stays on the
+reference backend.
 """
 
 from __future__ import annotations
@@ -268,6 +270,13 @@ def _fold_band(acc: torch.Tensor, part: torch.Tensor, plan: _Plan, j0: int) -> N
         rows[:, :m] += part[:, :, t0 : t0 + m].transpose(1, 2)
 
 
+def _softmax_grad(dp: torch.Tensor, probs32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dS = P * (dP - rowsum(P * dP))` from the fp32 probabilities and `dP` taken to fp32, rounded to `dtype`
+    once at the end (FlashAttention's order): in 16 bits, rounding `P` first would leave rows of `dS` that do not sum
+    to zero, which biases the gradients of the queries and keys."""
+    return torch._softmax_backward_data(dp.float(), probs32, -1, torch.float32).to(dtype)
+
+
 def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads) -> None:
     """`go_v`: output gradient for dV (dead rows 0, times `1 / (1 - p)`); `go_s`: the same times `scale`.
     Fills `grads["dq"]` rows and accumulates into the fp32 buffers `dk_pad, dv_pad, dk_shared, dv_shared`."""
@@ -276,7 +285,8 @@ def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
         kb = _block_keys(plan, ks, b, j0, j1)
         vb = _block_keys(plan, vs, b, j0, j1)
         s, qb = _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale)
-        probs = torch.softmax(s, dim=-1)
+        probs32 = torch.softmax(s, dim=-1, dtype=torch.float32)
+        probs = probs32.to(s.dtype)
         del s
         keep = drop.next(probs.shape) if drop is not None else None
         kept = probs if keep is None else probs * keep
@@ -286,8 +296,8 @@ def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
         dp = torch.matmul(_rows_view(go_s, plan, b, j0, j1, rows).transpose(1, 2), vb.transpose(-1, -2))
         if keep is not None:
             dp.mul_(keep)
-        ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
-        del dp, probs
+        ds = _softmax_grad(dp, probs32, probs.dtype)
+        del dp, probs, probs32
         _rows_view(grads["dq"], plan, b, j0, j1, rows).copy_(torch.matmul(ds, kb).transpose(1, 2))
         dkb = torch.matmul(ds.transpose(-1, -2), qb)
         del ds
@@ -332,8 +342,9 @@ def _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_pad
                        global_count.tolist())
 
 
-def _global_probs(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
-    """Softmax `(H, G, N + P)` of batch row `b`'s global queries over its keys (padding masked), then the prefix."""
+def _global_probs(plan, gr: _GlobalRows, b: int, scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Softmax `(H, G, N + P)` of batch row `b`'s global queries over its keys (padding masked), then the prefix;
+    in `dtype` (default the scores' dtype)."""
     qs = gr.queries(b)
     s = torch.bmm(qs, gr.keys(b, gr.k).transpose(1, 2))
     if gr.prefix_k is not None:
@@ -344,7 +355,7 @@ def _global_probs(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
         s = torch.add(bias, s, alpha=scale)
     else:
         s = s.mul_(scale)
-    return torch.softmax(s, dim=-1)
+    return torch.softmax(s, dim=-1, dtype=dtype)
 
 
 def _global_rows_forward(plan, gr: _GlobalRows, global_idx, scale, drop, inv_keep, out) -> None:
@@ -372,7 +383,8 @@ def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, dr
         go = grad_out.new_zeros(plan.heads, g, plan.head_dim)  # unused slots: zero gradient
         go[:, :cnt] = grad_out[b, rows].transpose(0, 1)
         qs = gr.queries(b)
-        probs = _global_probs(plan, gr, b, scale)
+        probs32 = _global_probs(plan, gr, b, scale, torch.float32)
+        probs = probs32.to(qs.dtype)
         keep = drop.next(probs.shape) if drop is not None else None
         kept = probs if keep is None else probs * keep
         go_v = go * inv_keep
@@ -385,7 +397,7 @@ def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, dr
             dp = torch.cat([dp, torch.bmm(go_s, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
         if keep is not None:
             dp.mul_(keep)
-        ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype)
+        ds = _softmax_grad(dp, probs32, probs.dtype)
         dq = torch.bmm(ds[..., :n], gr.k[b].transpose(0, 1))
         torch.bmm(ds[..., :n].transpose(1, 2), qs, out=grads["dk_g"][b].transpose(0, 1))
         if gr.prefix_k is not None:
