@@ -113,7 +113,12 @@ def _why_not(name: str, args: AttentionArgs) -> str | None:
 
 def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
     """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
-    backend = check_backend_name(os.environ.get(ENV_VAR) or backend)
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in ("auto", *BACKEND_ORDER):
+            raise ValueError(f"{ENV_VAR}={forced!r} must be one of 'auto', {', '.join(map(repr, BACKEND_ORDER))}")
+        backend = forced
+    backend = check_backend_name(backend)
     if backend != "auto":
         why = _why_not(backend, args)
         if why is not None:

@@ -243,6 +243,7 @@ def test_dispatch():
 
 
 def test_custom_op_opcheck():
+    assert pk.available_backends()["cpu"] is None  # loads the backend: its launchers are registered with the op
     x, masks, _ = _problem(2, 20, 1, 8, n_global=(0, 2), pad_max=3, prefix=2, batch_prefix=False, seed=4)
     a = check_inputs(**{k: v.float().requires_grad_() for k, v in x.items()}, **masks, window=3)
     for dropout_p, seed in ((0.0, None), (0.2, torch.tensor(2**40, dtype=torch.int64))):

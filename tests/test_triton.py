@@ -297,6 +297,7 @@ def test_torch_compile_fullgraph_matches_eager(triton_device):
 def test_custom_op_opcheck(triton_device):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the forward op (whose
     autograd calls the backward op), on the normalized arguments `fused_attention` passes (expanded prefix)."""
+    assert pk.available_backends()["triton"] is None  # loads the backend: its launchers are registered with the op
     t, masks = make_inputs(2, 20, 1, 16, device=triton_device, prefix=2, n_global={0: [4]}, pad={1: [18, 19]},
                            requires_grad=True)
     a = check_inputs(**t, **masks, window=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 
 import torch
@@ -197,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
     torch.manual_seed(args.seed)
-    base = build_model(args)
+    try:
+        base = build_model(args)
+    except (OSError, ValueError) as exc:  # no such path or Hub id, no network, not a Longformer checkpoint
+        print(f"python -m prefix_kernels demo: error: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
     vocab = min(args.vocab, base.config.vocab_size)
     gen = torch.Generator().manual_seed(args.seed)
     train = make_task(args.train_docs, args.seq_len, vocab, gen)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 import time
 
 import torch
 
-from ..attention import BACKEND_ORDER, auto_skips, available_backends, longformer_attention, resolve_backend
+from ..attention import BACKEND_ORDER, ENV_VAR, auto_skips, available_backends, longformer_attention, resolve_backend
 from ..version import __version__
 from .args import HelpFormatter, default_device, device_arg, positive_int
 from .memory import peak_memory
@@ -114,7 +115,10 @@ def layer_comparison(device: torch.device, dtype: torch.dtype, *, batch: int, se
 
 def chosen_backends(choice: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """The backends `--backend` names: "all" = every usable backend that `auto` may pick (the Triton interpreter
-    only when named), "auto" = the one it picks for this device and dtype, else the one named."""
+    only when named), "auto" = the one it picks for this device and dtype, else the one named. With
+    `PREFIX_KERNELS_BACKEND` set, every call runs that backend: it is the one row, under its own name."""
+    if os.environ.get(ENV_VAR):
+        return [resolve_backend(device, dtype)]
     if choice == "all":
         skipped = auto_skips()
         return [name for name, why in available_backends().items() if why is None and name not in skipped]
@@ -168,5 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                      repeat=opts.repeat or 3)
         dtype = torch.float32
     backends = chosen_backends(opts.backend, device, dtype)
+    if os.environ.get(ENV_VAR):
+        print(f"{ENV_VAR}={os.environ[ENV_VAR]} overrides --backend: every call runs {backends[0]!r}\n")
     print("\n".join(layer_comparison(device, dtype, **shape, backends=backends)))
     return 0

@@ -71,7 +71,16 @@ def _seed_value(seed: Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-@torch.library.custom_op("prefix_kernels::fused_attention_fwd", mutates_args=())
+# Explicit schemas: older torch cannot infer one from this module's (postponed, `X | None`) annotations.
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? q_global, Tensor? k_global, Tensor? v_global, Tensor? prefix_k, "
+               "Tensor? prefix_v, Tensor? key_padding_mask, Tensor? is_global, Tensor? seed, str backend, int window, "
+               "float scale, float dropout_p) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_global, Tensor? k_global, Tensor? v_global, "
+               "Tensor? prefix_k, Tensor? prefix_v, Tensor? key_padding_mask, Tensor? is_global, Tensor? seed, "
+               "Tensor out, Tensor lse, str backend, int window, float scale, float dropout_p) -> Tensor[]")
+
+
+@torch.library.custom_op("prefix_kernels::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def fused_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -107,7 +116,7 @@ def _fused_attention_fwd_fake(q, k, v, q_global, k_global, v_global, prefix_k, p
     return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("prefix_kernels::fused_attention_bwd", mutates_args=())
+@torch.library.custom_op("prefix_kernels::fused_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def fused_attention_bwd(
     grad_out: Tensor,
     q: Tensor,

@@ -85,8 +85,9 @@ def save_prefix(model: nn.Module, path) -> None:
 def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = True) -> _Prefix:
     """Load what `save_prefix` wrote into `model`.
 
-    A model without a prefix gets one first (method and `P` from the file, with `backend`). With `strict`, the
-    file must hold exactly the model's trainable parameters. Returns the prefix module.
+    A model without a prefix gets one first (method and `P` from the file, with `backend`; `pool_prefix` when the
+    model is a sequence classifier). With `strict`, the file must hold exactly the model's trainable parameters;
+    without, it may lack some, but never the prefix's own. Returns the prefix module.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -98,10 +99,10 @@ def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
     if prefix is None:
         method = metadata.get("method")
         if method not in _ATTRS:
-            raise ValueError(f"{path}: no prefix method in the file's metadata; apply the prefix first")
+            raise ValueError(f"{path}: no prefix method in the file's metadata; {_what_to_apply(tensors)}")
         num_prefix = int(metadata["num_prefix"])
         if method == "propagation":
-            pool = metadata.get("pool_prefix") == "True"
+            pool = metadata.get("pool_prefix") == "True" and _pools(model)
             prefix = apply_prefix_propagation(model, num_prefix, pool_prefix=pool, backend=backend)
         else:
             prefix = apply_prefix_tuning(model, num_prefix, backend=backend)
@@ -110,7 +111,8 @@ def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
-    if unknown or (strict and missing):
+    own = {n for n, p in model.named_parameters() if any(p is q for q in prefix.parameters())}
+    if unknown or (strict and missing) or own & set(missing):
         raise ValueError(f"{path} does not match the model: unknown {unknown}, missing {missing}")
     with torch.no_grad():
         for name, t in tensors.items():
@@ -118,6 +120,24 @@ def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
                 raise ValueError(f"{name}: shape {tuple(t.shape)} in {path}, {tuple(params[name].shape)} in the model")
             params[name].copy_(t)
     return prefix
+
+
+def _pools(model: nn.Module) -> bool:
+    """Whether `model` has the head that `pool_prefix` concerns (another class, e.g. the bare `LongformerModel` of
+    an `AutoModel` load, takes the prefix without it)."""
+    from transformers.models.longformer.modeling_longformer import LongformerForSequenceClassification
+
+    return isinstance(model, LongformerForSequenceClassification)
+
+
+def _what_to_apply(tensors: dict[str, torch.Tensor]) -> str:
+    """How to make the prefix a file's tensors belong to (from their names and shapes)."""
+    for method, attr in _ATTRS.items():
+        name = f"{attr}.prefix" if method == "propagation" else f"{attr}.prefix_key"
+        if name in tensors:
+            return (f"it holds a prefix-{method} prefix of P={tensors[name].shape[1]}: call "
+                    f"apply_prefix_{method}(model, num_prefix={tensors[name].shape[1]}) first")
+    return "apply the prefix first"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -197,8 +217,9 @@ def from_pretrained_with_prefix(cls, path, backend: str = "auto", **kwargs) -> n
                          "apply_prefix_propagation / apply_prefix_tuning); load it with from_pretrained")
     with restoring_prefix():
         if record["method"] == "propagation":
+            pool = bool(record.get("pool_prefix", False)) and _pools(model)
             prefix = apply_prefix_propagation(model, record["num_prefix"], dropout=record.get("dropout"),
-                                              pool_prefix=bool(record.get("pool_prefix", False)), backend=backend)
+                                              pool_prefix=pool, backend=backend)
         else:
             prefix = apply_prefix_tuning(model, record["num_prefix"], dropout=record.get("dropout"), backend=backend)
     attr = _ATTRS[prefix.method]
