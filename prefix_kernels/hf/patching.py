@@ -90,7 +90,7 @@ class _TraceableEncoder:
         if not (torch.compiler.is_compiling() or is_exporting()):
             with one_forward_pass():  # every layer shares the masks' derived values, inference tensors included
                 return super().forward(*args, **kwargs)
-        call = dict(zip(self._hf_arg_names, args, strict=False))
+        call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
         call.update(kwargs)
         wants_maps = call.get("output_attentions")
         if wants_maps is None:

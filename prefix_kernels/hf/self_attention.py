@@ -58,7 +58,7 @@ class _FusedSelfAttention:
             run_build_checks(config, None)
 
     def forward(self, *args, **kwargs):
-        call = dict(zip(self._hf_arg_names, args, strict=False))
+        call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
         call.update(kwargs)
         prefix = getattr(self, "_prefix_kernels_prefix", None)
         if call.get("output_attentions"):

@@ -95,7 +95,7 @@ class _WrappedForward:
         return type(self.base).forward(self.base, **call)
 
     def __call__(self, *args, **kwargs):
-        call = dict(zip(self.arg_names, args, strict=False))
+        call = dict(zip(self.arg_names[: len(args)], args, strict=True))
         call.update(kwargs)
         return self.prefix._base_forward(self, call)
 
