@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ import torch
 import prefix_kernels as pk
 from prefix_kernels.core.reference import dense_attention
 
+# The repository's root (`tests/` sits in it): the benchmarks and examples some tests run.
+ROOT = Path(__file__).resolve().parent.parent
 # The inputs of `longformer_attention` that get a gradient, in the order of the fused ops' backward.
 GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
 GLOBAL_NAMES = GRAD_NAMES[3:6]

@@ -14,11 +14,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-TOOL = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+TOOL = ROOT / "benchmarks" / "kernel_resources.py"
 KERNELS = {"_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
            "_bwd_finalize_kernel"}
 # Shared memory per block on the target (opt-in maximum): a kernel above it compiles but cannot launch.

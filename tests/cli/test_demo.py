@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 pytest.importorskip("transformers")
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.cli import demo  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_prefix_propagation.py"
+EXAMPLE = ROOT / "examples" / "train_prefix_propagation.py"
 TINY = ["--seq-len", "96", "--steps", "3", "--batch-size", "4", "--train-docs", "16", "--test-docs", "8"]
 
 

@@ -9,17 +9,16 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 pytest.importorskip("transformers")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_distributed.py"
 SETTINGS = dict(steps=3, batch_size=8, seq_len=96, num_prefix=4, backend="reference")
 HAS_FSDP2 = importlib.util.find_spec("torch.distributed.fsdp") is not None and hasattr(

@@ -2,7 +2,7 @@
 
 * fp32: corner cases (N = 1, w = 0, windows beyond N, a row of padding only, every token global); output and all
   eight gradients within ~1e-5 of float64. Random problems (hypothesis, with block and group sizes from one row
-  up) are in `test_properties.py`.
+  up) are in `tests/test_properties.py`.
 * bf16 / fp16: error within 2x that of the same computation done by PyTorch in that dtype (matmuls in the
   dtype, softmax in fp32), plus a small atol.
 * dropout: output and all eight gradients equal the dense reference run with the masks the backend documents

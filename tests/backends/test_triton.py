@@ -5,9 +5,9 @@ Tests that take the `triton_device` fixture run on CPU tensors through Triton's 
 (`TRITON_INTERPRET=1`, set by `conftest.py`), and on CUDA tensors with the kernels compiled for the GPU where
 there is. The interpreter runs the kernels with `BLOCK_M=32, BLOCK_N=16` (forward), `16 x 32` (backward) and key
 chunks of 32 for the global rows, so sequences of 33-100 tokens cross every kind of tile edge and use several
-chunks; on a GPU the same small problems sit inside one or two of its larger tiles (`test_gpu.py` runs long
+chunks; on a GPU the same small problems sit inside one or two of its larger tiles (`tests/test_gpu.py` runs long
 sequences there). Outputs and gradients are NaN-poisoned before the kernels run, so anything never written fails.
-bf16 is not tested here (the interpreter computes it wrongly); `test_gpu.py` covers it.
+bf16 is not tested here (the interpreter computes it wrongly); `tests/test_gpu.py` covers it.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ print(" ".join(got))
 
 
 @pytest.mark.skipif(not triton_interpreted(), reason="emulates a GPU's tiles in Triton's interpreter; where CUDA "
-                    "is, test_gpu.py runs these tiles compiled")
+                    "is, tests/test_gpu.py runs these tiles compiled")
 @pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
                                                  (torch.float32, "high", 128, 530), (torch.float16, "highest", 32, 530),
                                                  (torch.float16, "highest", 32, 512)])
