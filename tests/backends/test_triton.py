@@ -305,8 +305,7 @@ def test_custom_op_opcheck(triton_device):
     torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                   reason="no CUDA device")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -86,7 +86,9 @@ def test_torchrun_launch(tmp_path, fsdp):
     from safetensors.torch import load_file
 
     out = tmp_path / "prefix.safetensors"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # The example takes a GPU per rank where it sees one (NCCL): hide them, so both ranks train on the CPU (gloo).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": ""}
     args = ["--steps", str(SETTINGS["steps"]), "--batch-size", str(SETTINGS["batch_size"]), "--seq-len",
             str(SETTINGS["seq_len"]), "--backend", "reference", "--output", str(out), *(["--fsdp"] if fsdp else [])]
     # The example's defaults differ from SETTINGS only in what these flags set (and num_prefix, below).
