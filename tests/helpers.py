@@ -193,6 +193,13 @@ def assert_matches_reference(got, ref, base=None, *, atol: float, key_padding_ma
                 assert (g[key_padding_mask] == 0).all(), f"{label} {name}: padding rows not zero".strip()
 
 
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: float, msg: str = "") -> None:
+    """`got` within `tol * max(1, max |want|)` of `want`, element by element (two computations of one result in
+    the same dtype, e.g. a patched model against Hugging Face's)."""
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, atol=tol * scale, rtol=0, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
 def check_against_reference(fn, inputs: Mapping[str, torch.Tensor], masks: Masks, window: int, dtype: torch.dtype,
                             grad_out: torch.Tensor, *, reference=dense_attention, baseline="auto",
                             atol: float | None = None, label: str = "", **kwargs):

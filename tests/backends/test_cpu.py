@@ -272,19 +272,12 @@ def test_torch_compile_fullgraph_matches_eager():
 @pytest.mark.parametrize("name", ["LongformerForSequenceClassification", "LEDModel"])
 def test_patched_tiny_model_matches_hf(name):
     pytest.importorskip("transformers")
-    from tiny_models import batch, build, main_output, scalar_loss
+    from tiny_models import assert_same_grads, batch, build, main_output, run_model
 
     hf = build(name)
     ours = pk.patch_longformer(copy.deepcopy(hf), backend="cpu")
     inputs = batch(name)
-    outs, grads = [], []
-    for model in (hf, ours):
-        model.zero_grad(set_to_none=True)
-        out = model(**inputs)
-        scalar_loss(out).backward()
-        outs.append(main_output(out))
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
-    assert grads[1].keys() == grads[0].keys() and grads[0]
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, atol=1e-5 * max(1.0, g.abs().max().item()), rtol=0, msg=n)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(ours, inputs)
+    torch.testing.assert_close(main_output(got), main_output(want), atol=1e-5, rtol=0)
+    assert_same_grads(got_grads, want_grads, 1e-5)
