@@ -8,9 +8,10 @@
 * dropout: output and all eight gradients equal the dense reference run with the masks the backend documents
   (rebuilt here from its generator), so the forward and the backward use the same masks, scaled by 1 / (1 - p);
   the keep rate; determinism under `torch.manual_seed`; replay under gradient checkpointing.
-* memory linear in N, measured inside the op; dispatch; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
+* memory linear in N, measured inside the op; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
   patched tiny HF models against unpatched HF, forward and backward.
-Outputs are NaN-poisoned before they are written, so anything never written fails.
+Outputs are NaN-poisoned before they are written, so anything never written fails. Its dispatch is in
+`tests/test_dispatch.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 from helpers import check_against_reference, make_inputs, op, random_like, run_with_grads
 
 import prefix_kernels as pk
-from prefix_kernels.attention import select_backend
 from prefix_kernels.backends import cpu as cpu_attention
 from prefix_kernels.core import custom_op, reference
 from prefix_kernels.core.checks import check_inputs
@@ -193,7 +193,7 @@ def test_gradient_checkpointing_replays_the_dropout_masks():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Memory, dispatch, custom op, Hugging Face
+# Memory
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -227,19 +227,8 @@ def test_memory_stays_linear_in_n(mode):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Dispatch, custom op, Hugging Face
+# Custom op, torch.compile, Hugging Face
 # ------------------------------------------------------------------------------------------------------------
-
-
-def test_dispatch():
-    assert pk.available_backends()["cpu"] is None
-    t, _ = make_inputs(1, 16, 1, 8)
-    assert select_backend(check_inputs(**{k: v.bfloat16() for k, v in t.items()}, window=2)) == "cpu"
-    assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
-    with pytest.raises(ValueError, match="cpu.*reference backend only"):
-        _cpu(**{k: v.double() for k, v in t.items()}, window=2)
-    with pytest.raises(ValueError, match="cpu.*needs CPU tensors, got meta"):
-        _cpu(**{k: v.to("meta") for k, v in t.items()}, window=2)
 
 
 def test_custom_op_opcheck():

@@ -378,8 +378,11 @@ def test_auto_never_picks_the_triton_interpreter(monkeypatch):
     from prefix_kernels.core import custom_op
     from prefix_kernels.core.checks import check_inputs
 
-    if pk.available_backends()["triton"] is not None or not triton_attention.INTERPRET:
-        pytest.skip("the Triton backend runs compiled kernels here, not the interpreter")
+    why = pk.available_backends()["triton"]
+    if why is not None:
+        pytest.skip(f"backend 'triton' unavailable: {why}")
+    if not triton_attention.INTERPRET:
+        pytest.skip("the Triton backend runs compiled kernels here (TRITON_INTERPRET is unset), not the interpreter")
     assert "interpreter" in pk.auto_skips()["triton"]
     x = torch.randn(1, 32, 2, 8)
     args = check_inputs(x, x, x, window=4)
