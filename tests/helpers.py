@@ -239,8 +239,9 @@ def triton_interpreted() -> bool:
 
 
 def cannot_run(backend: str, device: str) -> str | None:
-    """Why `backend` cannot run on `device` tensors here (`None` if it can). Only cheap checks: no CUDA context
-    is created, so it is safe at collection time."""
+    """Why `backend` cannot run on `device` tensors here (`None` if it can); no CUDA context is created. Tests call
+    it (through `skip_unless_runs`) when they run, for the finer reasons: the GPU gate itself is the `gpu` marker,
+    which `conftest.py` turns into a skip without a CUDA device."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     if backend == "reference":
@@ -275,11 +276,6 @@ def skip_unless_runs(backend: str, device: str) -> None:
 FUSED = (pytest.param("triton", "cpu", id="triton-cpu-interpreter"),
          pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
          pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu))
-
-
-def triton_device() -> str:
-    """The device whose tensors the Triton backend takes here: "cpu" under the interpreter, else "cuda"."""
-    return "cpu" if triton_interpreted() else "cuda"
 
 
 def exact_or_atomic(device) -> dict:
