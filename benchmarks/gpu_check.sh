@@ -34,9 +34,10 @@ step main job
 
 if [[ "$what" == all || "$what" == tests ]]; then
   step GPU tests
-  # Every test case that runs on CUDA tensors is marked `gpu` (test_gpu, test_cuda_gpu, test_memory,
-  # test_global_rows, and the CUDA cases of test_triton, test_patching, test_prefix, test_compile, test_properties);
-  # test_gpu.py first: the backend-independent suite of the public op.
+  # Every test case that runs on CUDA tensors is marked `gpu` (test_gpu, backends/test_cuda_gpu, test_memory,
+  # test_local_rows, hf/test_self_attention, and the CUDA cases of backends/test_triton, core/test_masks,
+  # test_dispatch, hf/test_patching, prefix/test_prefix, hf/test_compile, test_properties); tests/test_gpu.py
+  # first: the backend-independent suite of the public op.
   PYTHONSAFEPATH=1 timeout "${PK_TEST_TIMEOUT:-480}" $py -m pytest -q -rfE -p no:cacheprovider -m gpu tests/test_gpu.py \
     tests ${PK_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   echo "GPU tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -1)" >>"$summary"

@@ -27,6 +27,10 @@ instructions' innermost source lines, else by their inline chains), and the line
 Counts are per warp and per tile: every warp of the program issues the same instructions.
 
 Run it in its own process: it replaces Triton's active driver with one that only names the target.
+
+Exit status: 0 when every kernel compiled, 1 when one did not, 2 for a usage error (argparse), and
+`EXIT_CANNOT_COMPILE` (77) when this machine cannot compile for a GPU (Triton's NVIDIA tools are missing): the
+one status a caller may treat as "nothing to check here".
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ from prefix_kernels.backends.triton import launch as ta  # noqa: E402
 
 # The Triton backend's source files: a loop is named after the Python `for` it compiles from, in any of them.
 SOURCES = sorted(str(p) for p in Path(ta.__file__).parent.glob("*.py"))
+
+# Exit status for "this machine cannot compile for a GPU", distinct from argparse's 2 for a usage error (the
+# compile test skips on this status alone) and from 1 for a kernel that did not compile.
+EXIT_CANNOT_COMPILE = 77
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = ("_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
@@ -324,7 +332,7 @@ def main(argv=None) -> int:
     why = missing_tools()
     if why:
         print(f"cannot compile here: {why}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_COMPILE
     torch.set_float32_matmul_precision(a.fp32_precision)
     rows = compile_all(a.arch, [getattr(torch, s) for s in a.dtype.split(",")],
                        [int(s) for s in a.head_dim.split(",")], a.dropout, sass=not a.no_sass,

@@ -1,8 +1,9 @@
 """The Triton kernels' dropout bits, two ways: an independent NumPy Philox4x32-10 of the documented scheme, and a
 small kernel that calls `triton_common._dropout_keep` (either form) so tests can compare the two.
 
-Scheme (`prefix_kernels/triton_attention.py`): element (query `i`, key position `j`) of batch-head `bh` is kept
-when the uniform float of word `j % 4` of Philox4x32-10(key = seed, counter = (j // 4, i, bh, 0)) is `>= p`.
+Scheme (`_dropout_keep` in `prefix_kernels/backends/triton/common.py`): element (query `i`, key position `j`) of
+batch-head `bh` is kept when the uniform float of word `j % 4` of Philox4x32-10(key = seed, counter =
+(j // 4, i, bh, 0)) is `>= p`.
 """
 
 from __future__ import annotations

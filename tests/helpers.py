@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ import torch
 import prefix_kernels as pk
 from prefix_kernels.core.reference import dense_attention
 
+# The repository's root (`tests/` sits in it): the benchmarks and examples some tests run.
+ROOT = Path(__file__).resolve().parent.parent
 # The inputs of `longformer_attention` that get a gradient, in the order of the fused ops' backward.
 GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
 GLOBAL_NAMES = GRAD_NAMES[3:6]
@@ -190,6 +193,13 @@ def assert_matches_reference(got, ref, base=None, *, atol: float, key_padding_ma
                 assert (g[key_padding_mask] == 0).all(), f"{label} {name}: padding rows not zero".strip()
 
 
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: float, msg: str = "") -> None:
+    """`got` within `tol * max(1, max |want|)` of `want`, element by element (two computations of one result in
+    the same dtype, e.g. a patched model against Hugging Face's)."""
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, atol=tol * scale, rtol=0, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
 def check_against_reference(fn, inputs: Mapping[str, torch.Tensor], masks: Masks, window: int, dtype: torch.dtype,
                             grad_out: torch.Tensor, *, reference=dense_attention, baseline="auto",
                             atol: float | None = None, label: str = "", **kwargs):
@@ -229,8 +239,9 @@ def triton_interpreted() -> bool:
 
 
 def cannot_run(backend: str, device: str) -> str | None:
-    """Why `backend` cannot run on `device` tensors here (`None` if it can). Only cheap checks: no CUDA context
-    is created, so it is safe at collection time."""
+    """Why `backend` cannot run on `device` tensors here (`None` if it can); no CUDA context is created. Tests call
+    it (through `skip_unless_runs`) when they run, for the finer reasons: the GPU gate itself is the `gpu` marker,
+    which `conftest.py` turns into a skip without a CUDA device."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     if backend == "reference":
@@ -265,11 +276,6 @@ def skip_unless_runs(backend: str, device: str) -> None:
 FUSED = (pytest.param("triton", "cpu", id="triton-cpu-interpreter"),
          pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
          pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu))
-
-
-def triton_device() -> str:
-    """The device whose tensors the Triton backend takes here: "cpu" under the interpreter, else "cuda"."""
-    return "cpu" if triton_interpreted() else "cuda"
 
 
 def exact_or_atomic(device) -> dict:

@@ -8,7 +8,8 @@ heads (H=12, D=64, w=256) up to N=16384, D=32/128, odd N, random global tokens p
 padding, prefixes. The dense reference is used up to N=2048; beyond, the chunked reference (same semantics,
 never N x N). Outputs are NaN-poisoned (`PREFIX_KERNELS_POISON=1`), so anything no kernel writes fails.
 Also: dropout determinism and replay in the backward, `torch.compile(fullgraph=True)`. The small-problem Triton
-tests (tile edges, dropout bits, custom op, caches, dispatch) of `test_triton.py` also run here on CUDA tensors.
+tests (tile edges, dropout bits, custom op, caches) of `backends/test_triton.py`, and the dispatch of
+`test_dispatch.py`, also run on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -21,11 +22,7 @@ import prefix_kernels as pk
 from prefix_kernels.core.checks import check_inputs
 from prefix_kernels.core.reference import chunked_attention, dense_attention
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.usefixtures("poison_outputs"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_outputs")]
 
 BACKENDS = ("triton", "cuda")
 

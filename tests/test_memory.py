@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import make_inputs, skip_unless_runs
 
 import prefix_kernels as pk
 from prefix_kernels.cli.memory import peak_memory
@@ -62,13 +62,10 @@ def test_reference_never_allocates_n_by_n(mode, one_thread):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_backend_peak_memory(backend, mode):
-    why = pk.available_backends()[backend]
-    if why is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    skip_unless_runs(backend, "cuda")
     b, n, h, d, w, g, p = 1, 16384, 12, 64, 256, 17, 16
     dev, dt = torch.device("cuda"), torch.bfloat16
     x, masks = _inputs(b, n, h, d, n_global=g, prefix=p, requires_grad=mode == "fwdbwd", dtype=dt, device=dev)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import assert_close_scaled
 
 LONGFORMER = dict(
     vocab_size=64,
@@ -109,6 +110,26 @@ def scalar_loss(out, seed: int = 0) -> torch.Tensor:
     y = main_output(out)
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
     return (y * w).sum()
+
+
+def run_model(model: torch.nn.Module, inputs: dict, **kwargs) -> tuple:
+    """Forward, and backward of `scalar_loss`: the output and every parameter's gradient by name (`None` for a
+    parameter that got none)."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, **kwargs)
+    scalar_loss(out).backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_grads(got: dict, want: dict, tol: float = 1e-5) -> None:
+    """`got` and `want` (`{name: gradient or None}`): the same parameters, the same ones with a gradient, and
+    every gradient within `tol * max(1, max |want|)`."""
+    assert got.keys() == want.keys()
+    with_grad = {n for n, g in want.items() if g is not None}
+    assert {n for n, g in got.items() if g is not None} == with_grad, "not the same parameters get a gradient"
+    assert with_grad, "no gradient to compare"
+    for name in with_grad:
+        assert_close_scaled(got[name], want[name], tol, name)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

@@ -2,15 +2,16 @@
 
 * fp32: corner cases (N = 1, w = 0, windows beyond N, a row of padding only, every token global); output and all
   eight gradients within ~1e-5 of float64. Random problems (hypothesis, with block and group sizes from one row
-  up) are in `test_properties.py`.
+  up) are in `tests/test_properties.py`.
 * bf16 / fp16: error within 2x that of the same computation done by PyTorch in that dtype (matmuls in the
   dtype, softmax in fp32), plus a small atol.
 * dropout: output and all eight gradients equal the dense reference run with the masks the backend documents
   (rebuilt here from its generator), so the forward and the backward use the same masks, scaled by 1 / (1 - p);
   the keep rate; determinism under `torch.manual_seed`; replay under gradient checkpointing.
-* memory linear in N, measured inside the op; dispatch; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
+* memory linear in N, measured inside the op; `torch.library.opcheck`; `torch.compile(fullgraph=True)`;
   patched tiny HF models against unpatched HF, forward and backward.
-Outputs are NaN-poisoned before they are written, so anything never written fails.
+Outputs are NaN-poisoned before they are written, so anything never written fails. Its dispatch is in
+`tests/test_dispatch.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 from helpers import check_against_reference, make_inputs, op, random_like, run_with_grads
 
 import prefix_kernels as pk
-from prefix_kernels.attention import select_backend
 from prefix_kernels.backends import cpu as cpu_attention
 from prefix_kernels.core import custom_op, reference
 from prefix_kernels.core.checks import check_inputs
@@ -193,7 +193,7 @@ def test_gradient_checkpointing_replays_the_dropout_masks():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Memory, dispatch, custom op, Hugging Face
+# Memory
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -227,19 +227,8 @@ def test_memory_stays_linear_in_n(mode):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Dispatch, custom op, Hugging Face
+# Custom op, torch.compile, Hugging Face
 # ------------------------------------------------------------------------------------------------------------
-
-
-def test_dispatch():
-    assert pk.available_backends()["cpu"] is None
-    t, _ = make_inputs(1, 16, 1, 8)
-    assert select_backend(check_inputs(**{k: v.bfloat16() for k, v in t.items()}, window=2)) == "cpu"
-    assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
-    with pytest.raises(ValueError, match="cpu.*reference backend only"):
-        _cpu(**{k: v.double() for k, v in t.items()}, window=2)
-    with pytest.raises(ValueError, match="cpu.*needs CPU tensors, got meta"):
-        _cpu(**{k: v.to("meta") for k, v in t.items()}, window=2)
 
 
 def test_custom_op_opcheck():
@@ -273,19 +262,12 @@ def test_torch_compile_fullgraph_matches_eager():
 @pytest.mark.parametrize("name", ["LongformerForSequenceClassification", "LEDModel"])
 def test_patched_tiny_model_matches_hf(name):
     pytest.importorskip("transformers")
-    from tiny_models import batch, build, main_output, scalar_loss
+    from tiny_models import assert_same_grads, batch, build, main_output, run_model
 
     hf = build(name)
     ours = pk.patch_longformer(copy.deepcopy(hf), backend="cpu")
     inputs = batch(name)
-    outs, grads = [], []
-    for model in (hf, ours):
-        model.zero_grad(set_to_none=True)
-        out = model(**inputs)
-        scalar_loss(out).backward()
-        outs.append(main_output(out))
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
-    assert grads[1].keys() == grads[0].keys() and grads[0]
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, atol=1e-5 * max(1.0, g.abs().max().item()), rtol=0, msg=n)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(ours, inputs)
+    torch.testing.assert_close(main_output(got), main_output(want), atol=1e-5, rtol=0)
+    assert_same_grads(got_grads, want_grads, 1e-5)

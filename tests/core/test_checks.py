@@ -1,4 +1,5 @@
-"""Every bad-input path raises a ValueError naming the argument; dispatch explains itself."""
+"""`core/checks.py`: every bad-input path raises a ValueError naming the argument; what the checks normalize
+(padding wins over global, the prefix expanded, optional global projections). Dispatch: `tests/test_dispatch.py`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import torch
 from helpers import make_inputs
 
 import prefix_kernels as pk
-from prefix_kernels.attention import select_backend
 from prefix_kernels.core.checks import check_inputs
 
 
@@ -77,23 +77,3 @@ def test_padding_wins_over_global_and_prefix_is_expanded():
     assert args.prefix_k.shape == (2, 2, 2, 4) and args.prefix_k.stride(0) == 0
     empty = check_inputs(**base(prefix_k=t(0, 2, 4), prefix_v=t(0, 2, 4)))
     assert empty.prefix_k is None and empty.num_prefix == 0
-
-
-def test_available_backends_and_explicit_backend_reasons(monkeypatch):
-    backends = pk.available_backends()
-    assert set(backends) == {"cuda", "triton", "cpu", "reference"}
-    assert backends["reference"] is None and backends["cpu"] is None
-    args = check_inputs(**base(q=t(2, 10, 2, 4, dtype=torch.float64), k=t(2, 10, 2, 4, dtype=torch.float64)) | {
-        "v": t(2, 10, 2, 4, dtype=torch.float64),
-        "q_global": None, "k_global": None, "v_global": None, "is_global": None, "prefix_k": None, "prefix_v": None,
-    })
-    # fp64 on the CPU: only the reference serves it, auto finds it, explicit fused backends explain why not.
-    assert select_backend(args, "auto") == "reference"
-    for name in ("cuda", "triton", "cpu"):
-        with pytest.raises(ValueError, match=f"backend '{name}' cannot serve this call"):
-            select_backend(args, name)
-    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "reference")
-    assert select_backend(args, "cuda") == "reference"
-    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "nope")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        select_backend(args, "auto")

@@ -1,13 +1,13 @@
 """Triton backend: output and all eight gradients against `reference.dense_attention`, dropout, the custom ops
-under `torch.compile`, the caches of the global index and token tables, and dispatch.
+under `torch.compile`, the cache of the token tables. Its dispatch is in `tests/test_dispatch.py`.
 
 Tests that take the `triton_device` fixture run on CPU tensors through Triton's interpreter where there is no CUDA
 (`TRITON_INTERPRET=1`, set by `conftest.py`), and on CUDA tensors with the kernels compiled for the GPU where
 there is. The interpreter runs the kernels with `BLOCK_M=32, BLOCK_N=16` (forward), `16 x 32` (backward) and key
 chunks of 32 for the global rows, so sequences of 33-100 tokens cross every kind of tile edge and use several
-chunks; on a GPU the same small problems sit inside one or two of its larger tiles (`test_gpu.py` runs long
+chunks; on a GPU the same small problems sit inside one or two of its larger tiles (`tests/test_gpu.py` runs long
 sequences there). Outputs and gradients are NaN-poisoned before the kernels run, so anything never written fails.
-bf16 is not tested here (the interpreter computes it wrongly); `test_gpu.py` covers it.
+bf16 is not tested here (the interpreter computes it wrongly); `tests/test_gpu.py` covers it.
 """
 
 from __future__ import annotations
@@ -28,21 +28,16 @@ from helpers import (  # noqa: E402
     op,
     random_like,
     run_with_grads,
-    skip_unless_runs,
     triton_interpreted,
 )
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels.attention import select_backend  # noqa: E402
 from prefix_kernels.backends.triton import launch as triton_attention  # noqa: E402
 from prefix_kernels.core import custom_op, reference
 from prefix_kernels.core.checks import check_inputs  # noqa: E402
 from prefix_kernels.core.masks import global_index  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
-
-INTERPRETER_ONLY = pytest.mark.skipif(
-    not triton_interpreted(), reason="checks Triton's interpreter (TRITON_INTERPRET=1, set only without CUDA)")
 
 CASES = {
     # band only, N not a multiple of any tile
@@ -124,7 +119,7 @@ print(" ".join(got))
 
 
 @pytest.mark.skipif(not triton_interpreted(), reason="emulates a GPU's tiles in Triton's interpreter; where CUDA "
-                    "is, test_gpu.py runs these tiles compiled")
+                    "is, tests/test_gpu.py runs these tiles compiled")
 @pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
                                                  (torch.float32, "high", 128, 530), (torch.float16, "highest", 32, 530),
                                                  (torch.float16, "highest", 32, 512)])
@@ -271,7 +266,7 @@ def test_dropout_under_gradient_checkpointing(triton_device):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Custom ops, caches, dispatch
+# Custom ops, caches
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -306,23 +301,7 @@ def test_custom_op_opcheck(triton_device):
     torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                   reason="no CUDA device")])]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_global_index_is_cached_per_tensor_and_version(device):
-    is_global = torch.zeros(2, 10, dtype=torch.bool, device=device)
-    is_global[0, [2, 5]] = True
-    is_global[1, 7] = True
-    idx, count, g = global_index(is_global)
-    assert g == 2 and idx.dtype == torch.int32 and idx.is_contiguous() and idx.device == is_global.device
-    assert idx[0].tolist() == [2, 5] and idx[1, 0].item() == 7 and count.tolist() == [2, 1]
-    assert global_index(is_global)[0] is idx  # no recomputation, no host read
-    is_global[1, 9] = True  # in place: bumps _version
-    idx2, count2, _ = global_index(is_global)
-    assert idx2 is not idx and idx2[1].tolist() == [7, 9] and count2.tolist() == [2, 2]
-    assert global_index(torch.zeros(2, 10, dtype=torch.bool, device=device)) == (None, None, 0)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -353,42 +332,3 @@ def test_no_global_token_with_projections_gives_zero_projection_gradients(triton
     go = random_like(t["q"].shape, seed=1, device=triton_device)
     _, grads = check_against_reference(op("triton"), t, masks, 4, torch.float32, go)
     assert all((g == 0).all() for g in grads[3:6])
-
-
-@INTERPRETER_ONLY
-def test_dispatch_under_the_interpreter():
-    assert pk.available_backends()["triton"] is None
-    t, _ = make_inputs(1, 16, 1, 16, dtype=torch.float64)
-    x = {k: v.float() for k, v in t.items()}
-    # `auto` never picks the interpreter; naming the backend does.
-    assert select_backend(check_inputs(**x, window=2), "triton") == "triton"
-    assert select_backend(check_inputs(**x, window=2)) != "triton"
-    out = pk.longformer_attention(**x, window=2, backend="triton")
-    torch.testing.assert_close(out, pk.longformer_attention(**x, window=2, backend="reference"), rtol=1e-5,
-                               atol=1e-6)
-    for dtype, why in ((torch.bfloat16, "interpreter"), (torch.float64, "reference backend only")):
-        y = {k: v.to(dtype) for k, v in t.items()}
-        assert triton_attention.cannot_serve(check_inputs(**y, window=2)) is not None
-        with pytest.raises(ValueError, match=why):
-            pk.longformer_attention(**y, window=2, backend="triton")
-    assert select_backend(check_inputs(**{k: v.double() for k, v in t.items()}, window=2)) == "reference"
-
-
-@pytest.mark.gpu
-def test_dispatch_on_a_gpu():
-    """Compiled for the GPU, `auto` takes the Triton kernels first for CUDA tensors in fp32 and bf16; CPU tensors
-    and fp64 are refused by an explicit `backend="triton"` with the reason, and `auto` passes them on."""
-    skip_unless_runs("triton", "cuda")
-    t, _ = make_inputs(1, 16, 1, 16, dtype=torch.float64)
-    cuda = {k: v.cuda() for k, v in t.items()}
-    for dtype in (torch.float32, torch.bfloat16):
-        assert select_backend(check_inputs(**{k: v.to(dtype) for k, v in cuda.items()}, window=2)) == "triton"
-    x = {k: v.float() for k, v in cuda.items()}
-    torch.testing.assert_close(pk.longformer_attention(**x, window=2),
-                               pk.longformer_attention(**x, window=2, backend="reference"), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        pk.longformer_attention(**{k: v.float() for k, v in t.items()}, window=2, backend="triton")
-    with pytest.raises(ValueError, match="reference backend only"):
-        pk.longformer_attention(**cuda, window=2, backend="triton")
-    assert select_backend(check_inputs(**cuda, window=2)) == "reference"
-    assert select_backend(check_inputs(**{k: v.float() for k, v in t.items()}, window=2)) != "triton"

@@ -9,17 +9,16 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 pytest.importorskip("transformers")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_distributed.py"
 SETTINGS = dict(steps=3, batch_size=8, seq_len=96, num_prefix=4, backend="reference")
 HAS_FSDP2 = importlib.util.find_spec("torch.distributed.fsdp") is not None and hasattr(
@@ -87,7 +86,9 @@ def test_torchrun_launch(tmp_path, fsdp):
     from safetensors.torch import load_file
 
     out = tmp_path / "prefix.safetensors"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # The example takes a GPU per rank where it sees one (NCCL): hide them, so both ranks train on the CPU (gloo).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": ""}
     args = ["--steps", str(SETTINGS["steps"]), "--batch-size", str(SETTINGS["batch_size"]), "--seq-len",
             str(SETTINGS["seq_len"]), "--backend", "reference", "--output", str(out), *(["--fsdp"] if fsdp else [])]
     # The example's defaults differ from SETTINGS only in what these flags set (and num_prefix, below).

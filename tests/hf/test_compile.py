@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import cannot_run, triton_device
+from helpers import skip_unless_runs
 from tiny_models import batch, build, main_output, scalar_loss
 
 transformers = pytest.importorskip("transformers")
@@ -19,23 +19,12 @@ TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.hf.patching import patch_longformer  # noqa: E402
 
-
-def _device(backend: str) -> str:
-    """Where `backend` takes its tensors here: the Triton kernels on the GPU unless interpreted, the rest on the
-    CPU."""
-    return triton_device() if backend == "triton" else "cpu"
-
-
-def _fused_backends():
-    params = []
-    for name in ("triton", "cpu"):
-        why = cannot_run(name, _device(name))
-        marks = [pytest.mark.skipif(why is not None, reason=f"{name}: {why}")]
-        params.append(pytest.param(name, marks=[*marks, pytest.mark.gpu] if _device(name) == "cuda" else marks))
-    return params
-
-
-FUSED = _fused_backends()
+# `(backend, device)` of the fused custom ops: the Triton kernels on CPU tensors (its interpreter, where there is no
+# CUDA) and on CUDA tensors (compiled, marked `gpu`), the "cpu" backend on CPU tensors. The cases that cannot run
+# here skip, saying why.
+BACKENDS = (pytest.param("triton", "cpu", id="triton-cpu-interpreter"),
+           pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+           pytest.param("cpu", "cpu", id="cpu-cpu"))
 METHODS = {
     "patched": lambda model, backend: patch_longformer(model, backend),
     "propagation": lambda model, backend: pk.apply_prefix_propagation(model, num_prefix=3, backend=backend),
@@ -51,12 +40,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def make(name: str, method: str, backend: str):
-    """`(model, target)`: a one-layer model of class `name` with `method` applied, and the module to call (the
-    model, or for "LEDEncoder" the encoder of an `LEDModel`, whose prefix lives on the model)."""
+def make(name: str, method: str, backend: str, device="cpu"):
+    """`(model, target)`: a one-layer model of class `name` on `device` with `method` applied, and the module to
+    call (the model, or for "LEDEncoder" the encoder of an `LEDModel`, whose prefix lives on the model)."""
     led = name == "LEDEncoder"
     layers = {"encoder_layers": 1} if led else {"num_hidden_layers": 1}
-    model = build("LEDModel" if led else name, attention_window=[16], **layers).to(_device(backend))
+    model = build("LEDModel" if led else name, attention_window=[16], **layers).to(device)
     # Training mode (the tiny configs have no dropout), except for the LED encoder under transformers 4.x: in
     # training it draws a LayerDrop number and branches on it even when layerdrop is 0 (HF's graph break).
     model.train(not (led and TRANSFORMERS_4))
@@ -114,27 +103,29 @@ def other_masks(inputs: dict, kind: str) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("name", MODELS)
-def test_fullgraph_forward_backward(name, method, backend):
+def test_fullgraph_forward_backward(name, method, backend, device):
     """One graph for the whole model (HF's encoder `.item()` included), forward and backward equal to eager."""
-    model, target = make(name, method, backend)
+    skip_unless_runs(backend, device)
+    model, target = make(name, method, backend, device)
     eager, eager_target = reference_copy(model, name)
     compiled = torch.compile(target, fullgraph=True, backend="aot_eager")
-    inputs = inputs_for(name, _device(backend))
+    inputs = inputs_for(name, device)
     assert_same(forward_backward(model, compiled, inputs), forward_backward(eager, eager_target, inputs))
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name, method", [("LongformerForSequenceClassification", "propagation"),
                                           ("LEDEncoder", "tuning"), ("LongformerForSequenceClassification", "patched")])
-def test_no_recompilation_when_only_the_masks_change(name, method, backend):
-    model, target = make(name, method, backend)
+def test_no_recompilation_when_only_the_masks_change(name, method, backend, device):
+    skip_unless_runs(backend, device)
+    model, target = make(name, method, backend, device)
     model.eval()
     _, oracle = reference_copy(model, name)
     compiled = torch.compile(target, fullgraph=True, backend="aot_eager")
-    inputs = inputs_for(name, _device(backend))
+    inputs = inputs_for(name, device)
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for kind in ("first", "more_globals", "no_globals", "padding"):
             x = other_masks(inputs, kind)
@@ -142,12 +133,13 @@ def test_no_recompilation_when_only_the_masks_change(name, method, backend):
                                        msg=kind)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_inductor(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inductor(backend, device):
     """The default compiler (inductor) on a prefix-propagation classifier, forward and backward."""
-    model, _ = make("LongformerForSequenceClassification", "propagation", backend)
+    skip_unless_runs(backend, device)
+    model, _ = make("LongformerForSequenceClassification", "propagation", backend, device)
     eager, _ = reference_copy(model, "LongformerForSequenceClassification")
-    inputs = inputs_for("LongformerForSequenceClassification", _device(backend))
+    inputs = inputs_for("LongformerForSequenceClassification", device)
     got = forward_backward(model, torch.compile(model, fullgraph=True), inputs)
     assert_same(got, forward_backward(eager, eager, inputs), tol=1e-4)
 

@@ -1,10 +1,11 @@
 """CUDA-backend launchers against the dense fp64 reference, on a GPU (skipped without one).
 
-These call `prefix_kernels.cuda_attention.forward` / `backward` directly (no custom op), so a failure points at
-the kernels, not the glue. They are held to the same rule as the public op in `test_gpu.py` (`helpers.py`: error
-at most 2x that of the same computation in PyTorch in the dtype, plus a small atol; IEEE fp32 against fp64 with
-the fp32 atol; padding rows zero). Outputs are NaN-poisoned before the kernels run (`PREFIX_KERNELS_POISON=1`), so
-a row no kernel writes shows up. The backend-independent suite (`test_gpu.py`) runs the public op on both backends.
+These call `prefix_kernels.backends.cuda.forward` / `backward` directly (no custom op), so a failure points at
+the kernels, not the glue. They are held to the same rule as the public op in `tests/test_gpu.py` (`helpers.py`:
+error at most 2x that of the same computation in PyTorch in the dtype, plus a small atol; IEEE fp32 against fp64
+with the fp32 atol; padding rows zero). Outputs are NaN-poisoned before the kernels run (`PREFIX_KERNELS_POISON=1`),
+so a row no kernel writes shows up. The backend-independent suite (`tests/test_gpu.py`) runs the public op on both
+backends.
 """
 
 from __future__ import annotations

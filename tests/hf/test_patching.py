@@ -14,7 +14,17 @@ import sys
 import pytest
 import torch
 from helpers import FUSED, skip_unless_runs
-from tiny_models import LED_CLASSES, LONGFORMER_CLASSES, batch, build, enable_checkpointing, main_output, scalar_loss
+from tiny_models import (
+    LED_CLASSES,
+    LONGFORMER_CLASSES,
+    assert_same_grads,
+    batch,
+    build,
+    enable_checkpointing,
+    main_output,
+    run_model,
+    scalar_loss,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,27 +46,6 @@ TOL = 1e-5
 MODELS = [c for c in LONGFORMER_CLASSES if c != "LongformerForMaskedLM"] + ["LEDForConditionalGeneration"]
 
 
-def run(model, inputs, **kwargs):
-    """Forward + backward of a fixed projection; returns the output and the parameter gradients by name."""
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs, **kwargs)
-    scalar_loss(out).backward()
-    return out, {n: p.grad for n, p in model.named_parameters()}
-
-
-def assert_same_grads(got: dict, want: dict, tol: float = TOL) -> None:
-    assert got.keys() == want.keys()
-    compared = 0
-    for name, g in got.items():
-        w = want[name]
-        assert (g is None) == (w is None), name
-        if g is not None:
-            scale = max(1.0, w.abs().max().item())
-            torch.testing.assert_close(g, w, atol=tol * scale, rtol=0, msg=name)
-            compared += 1
-    assert compared > 0
-
-
 def patched_copy(model, backend="reference"):
     return patch_longformer(copy.deepcopy(model), backend=backend)
 
@@ -67,8 +56,8 @@ def test_patched_matches_hf_forward_and_backward(name):
     ours = patched_copy(hf)
     assert is_patched(ours) and not is_patched(hf)
     inputs = batch(name)
-    want, want_grads = run(hf, inputs)
-    got, got_grads = run(ours, inputs)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(ours, inputs)
     torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
     assert_same_grads(got_grads, want_grads)
 
@@ -82,8 +71,8 @@ def test_patched_with_fused_kernels_matches_hf(name, backend, device):
     hf = build(name, head_dim=16 if backend == "cuda" else 8).to(device)  # the CUDA library's smallest is 16
     ours = patched_copy(hf, backend=backend)
     inputs = batch(name, device=device)
-    want, want_grads = run(hf, inputs)
-    got, got_grads = run(ours, inputs)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(ours, inputs)
     torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
     assert_same_grads(got_grads, want_grads)
 
@@ -148,8 +137,8 @@ def test_gradient_checkpointing(name):
     ours = patched_copy(hf)
     enable_checkpointing(ours)
     inputs = batch(name)
-    want, want_grads = run(hf, inputs)
-    got, got_grads = run(ours, inputs)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(ours, inputs)
     torch.testing.assert_close(main_output(got), main_output(want), atol=TOL, rtol=0)
     assert_same_grads(got_grads, want_grads)
 
@@ -162,10 +151,10 @@ def test_dropout_masks_replay_under_gradient_checkpointing():
     model.train()
     inputs = batch("LongformerForSequenceClassification")
     torch.manual_seed(7)
-    plain, plain_grads = run(model, inputs)
+    plain, plain_grads = run_model(model, inputs)
     enable_checkpointing(model)
     torch.manual_seed(7)
-    ckpt, ckpt_grads = run(model, inputs)
+    ckpt, ckpt_grads = run_model(model, inputs)
     torch.testing.assert_close(ckpt.logits, plain.logits, atol=TOL, rtol=0)
     assert_same_grads(ckpt_grads, plain_grads)
     model.eval()
@@ -303,8 +292,8 @@ def test_torch_compile():
     ours = patched_copy(hf)
     compiled = torch.compile(ours, backend="eager")
     inputs = batch("LongformerForSequenceClassification")
-    want, want_grads = run(hf, inputs)
-    got, got_grads = run(compiled, inputs)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(compiled, inputs)
     torch.testing.assert_close(got.logits, want.logits, atol=TOL, rtol=0)
     assert_same_grads({k.removeprefix("_orig_mod."): v for k, v in got_grads.items()}, want_grads)
 
@@ -321,8 +310,8 @@ def test_query_global_projects_only_the_global_rows():
     inputs["global_attention_mask"].zero_()
     inputs["global_attention_mask"][0, [0, 9, 30]] = 1
     inputs["global_attention_mask"][1, 5] = 1
-    want, want_grads = run(hf, inputs)
-    got, got_grads = run(ours, inputs)
+    want, want_grads = run_model(hf, inputs)
+    got, got_grads = run_model(ours, inputs)
     assert shapes == [torch.Size([2, 3, ours.config.hidden_size])] * ours.config.num_hidden_layers
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=TOL, rtol=0)
     assert_same_grads(got_grads, want_grads)
@@ -337,9 +326,9 @@ def test_ddp_single_process(tmp_path):
         hf = build("LongformerForSequenceClassification")
         ddp = torch.nn.parallel.DistributedDataParallel(patched_copy(hf))
         inputs = batch("LongformerForSequenceClassification")
-        want, want_grads = run(hf, inputs)
+        want, want_grads = run_model(hf, inputs)
         for _ in range(2):  # the second step checks DDP's reducer saw every parameter used
-            got, got_grads = run(ddp, inputs)
+            got, got_grads = run_model(ddp, inputs)
         torch.testing.assert_close(got.logits, want.logits, atol=TOL, rtol=0)
         assert_same_grads({k.removeprefix("module."): v for k, v in got_grads.items()}, want_grads)
     finally:
@@ -389,8 +378,11 @@ def test_auto_never_picks_the_triton_interpreter(monkeypatch):
     from prefix_kernels.core import custom_op
     from prefix_kernels.core.checks import check_inputs
 
-    if pk.available_backends()["triton"] is not None or not triton_attention.INTERPRET:
-        pytest.skip("the Triton backend runs compiled kernels here, not the interpreter")
+    why = pk.available_backends()["triton"]
+    if why is not None:
+        pytest.skip(f"backend 'triton' unavailable: {why}")
+    if not triton_attention.INTERPRET:
+        pytest.skip("the Triton backend runs compiled kernels here (TRITON_INTERPRET is unset), not the interpreter")
     assert "interpreter" in pk.auto_skips()["triton"]
     x = torch.randn(1, 32, 2, 8)
     args = check_inputs(x, x, x, window=4)

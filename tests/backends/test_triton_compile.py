@@ -9,16 +9,17 @@ for this process by `conftest.py`, is read when `triton` is first imported.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-TOOL = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+TOOL = ROOT / "benchmarks" / "kernel_resources.py"
 KERNELS = {"_attention_fwd_kernel", "_global_rows_merge_kernel", "_bwd_preprocess_kernel", "_attention_bwd_kernel",
            "_bwd_finalize_kernel"}
 # Shared memory per block on the target (opt-in maximum): a kernel above it compiles but cannot launch.
@@ -30,6 +31,32 @@ FORWARD_INTERIOR_BUDGET = 320
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
+def _tool_constant(name: str):
+    """A module-level constant of the tool, read from its source (importing it would set `TRITON_INTERPRET=0` in
+    this process)."""
+    for node in ast.parse(TOOL.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{TOOL.name} defines no {name}")
+
+
+# The tool's exit status for "this machine cannot compile for a GPU" (Triton's NVIDIA tools missing): the only one
+# that skips. Any other failure, a usage error (argparse's 2, e.g. after a renamed flag) included, fails.
+EXIT_CANNOT_COMPILE = _tool_constant("EXIT_CANNOT_COMPILE")
+
+
+def _run_tool(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile now, not from an earlier run's cache
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_a_usage_error_is_not_a_machine_that_cannot_compile(tmp_path):
+    r = _run_tool(["--no-such-flag"], tmp_path)
+    assert r.returncode == 2 != EXIT_CANNOT_COMPILE, r.stdout + r.stderr
+    assert "unrecognized arguments: --no-such-flag" in r.stderr
+
+
 @pytest.mark.parametrize("arch, dtype, head_dim, dropout, fp32_precision, seq_len", [
     (90, "bfloat16", 64, 0.0, "highest", "320,300"),  # the headline configuration, full and ragged tiles
     (90, "float16", 128, 0.1, "highest", "300"),
@@ -38,12 +65,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 ])
 def test_triton_kernels_compile(tmp_path, arch, dtype, head_dim, dropout, fp32_precision, seq_len):
     out = tmp_path / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile now, not from an earlier run's cache
     args = ["--arch", str(arch), "--dtype", dtype, "--head-dim", str(head_dim), "--dropout", str(dropout),
             "--fp32-precision", fp32_precision, "--seq-len", seq_len, "--json", str(out)]
-    r = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=900)
-    if r.returncode == 2:
+    r = _run_tool(args, tmp_path)
+    if r.returncode == EXIT_CANNOT_COMPILE:
         pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
