@@ -22,7 +22,7 @@ from prefix_kernels import attention
 from prefix_kernels.backends import cuda as cuda_attention
 from prefix_kernels.core.checks import check_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.cache
