@@ -15,24 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "longformer_attention.cuh"
-
-namespace pk {
-// Defined in fwd_*.cu / bwd_*.cu: do not instantiate the kernels again here.
-#define PK_EXTERN(T)                                                                  \
-  extern template cudaError_t launch_forward<T, 16>(const Params&, cudaStream_t);     \
-  extern template cudaError_t launch_forward<T, 32>(const Params&, cudaStream_t);     \
-  extern template cudaError_t launch_forward<T, 64>(const Params&, cudaStream_t);     \
-  extern template cudaError_t launch_forward<T, 128>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 16>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 32>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 64>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 128>(const Params&, cudaStream_t);
-PK_EXTERN(__half)
-PK_EXTERN(__nv_bfloat16)
-PK_EXTERN(float)
-#undef PK_EXTERN
-}  // namespace pk
+#include "launch.h"
 
 namespace {
 
