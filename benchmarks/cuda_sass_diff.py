@@ -111,6 +111,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def _strip_templates(demangled: str) -> str:
+    """`void ns::f<0>(ns::P)` -> `ns::f(ns::P)`: the template arguments and the return type (which only a
+    function template's mangled name carries) removed."""
     out, depth = [], 0
     for ch in demangled:
         if ch == "<":
@@ -119,7 +121,9 @@ def _strip_templates(demangled: str) -> str:
             depth -= 1
         elif depth == 0:
             out.append(ch)
-    return "".join(out)
+    plain = "".join(out)
+    m = re.match(r"^(?:.*?\s)?([^\s(]+\(.*\))$", plain)
+    return m.group(1) if m else plain
 
 
 def pair_renamed(only_old: list[str], only_new: list[str]) -> list[tuple[str, str]]:

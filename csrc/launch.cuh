@@ -51,7 +51,7 @@
 #include "simt_fwd.cuh"
 #include "tc_bwd.cuh"
 #include "tc_fwd.cuh"
-#include "token_table.cuh"
+#include "token_table.h"
 
 namespace pk {
 
@@ -88,19 +88,6 @@ inline cudaError_t launch_tc(Kernel kernel, size_t smem, const Params& p, cudaSt
   if (blocks <= 0) return cudaSuccess;
   kernel<<<static_cast<unsigned>(blocks), tc::NTHREADS, smem, stream>>>(p);
   return cudaGetLastError();
-}
-
-inline cudaError_t launch_build_tok(const Params& p, cudaStream_t stream) {
-  const int64_t n = static_cast<int64_t>(p.B) * p.N;
-  build_tok_kernel<0><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (p.max_global > 0) {
-    const int64_t m = static_cast<int64_t>(p.B) * p.max_global;
-    scatter_global_tok_kernel<0><<<static_cast<unsigned>((m + 255) / 256), 256, 0, stream>>>(p);
-    err = cudaGetLastError();
-  }
-  return err;
 }
 
 template <typename T, int D>

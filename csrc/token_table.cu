@@ -1,13 +1,11 @@
-// Row classification, once per call: tok[b, i] = -2 padding, -1 local, g >= 0 global slot g.
-
-#pragma once
+// The token table (token_table.h). Its kernels depend on neither the dtype nor the head dim, so they are
+// compiled here once rather than in every launcher's translation unit.
 
 #include "common.cuh"
+#include "token_table.h"
 
 namespace pk {
 
-// (templates only so that every translation unit including this header may define them)
-template <int Unused>
 __global__ void build_tok_kernel(Params p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= static_cast<int64_t>(p.B) * p.N) return;
@@ -15,7 +13,6 @@ __global__ void build_tok_kernel(Params p) {
   p.tok[t] = pad ? TOK_PAD : TOK_LOCAL;
 }
 
-template <int Unused>
 __global__ void scatter_global_tok_kernel(Params p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= static_cast<int64_t>(p.B) * p.max_global) return;
@@ -27,6 +24,19 @@ __global__ void scatter_global_tok_kernel(Params p) {
   // padding wins over global (the Python checks already guarantee they never overlap)
   if (p.key_padding != nullptr && p.key_padding[static_cast<int64_t>(b) * p.N + j] != 0) return;
   p.tok[static_cast<int64_t>(b) * p.N + j] = g;
+}
+
+cudaError_t launch_build_tok(const Params& p, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(p.B) * p.N;
+  build_tok_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (p.max_global > 0) {
+    const int64_t m = static_cast<int64_t>(p.B) * p.max_global;
+    scatter_global_tok_kernel<<<static_cast<unsigned>((m + 255) / 256), 256, 0, stream>>>(p);
+    err = cudaGetLastError();
+  }
+  return err;
 }
 
 }  // namespace pk
