@@ -90,22 +90,42 @@ inline cudaError_t launch_tc(Kernel kernel, size_t smem, const Params& p, cudaSt
   return cudaGetLastError();
 }
 
+// The local-row stages that have a tensor-core and a SIMT kernel. Member templates, so that a stage's tc kernel
+// is instantiated only for the dtypes that can run it.
+struct LocalRowsFwd {
+  template <typename T, int D> static constexpr auto simt() { return local_rows_fwd_kernel<T, D>; }
+  template <typename T, int D> static constexpr auto tc() { return tc::local_rows_fwd_tc_kernel<T, D>; }
+  template <typename T, int D> static constexpr size_t tc_smem() { return tc::fwd_tc_smem<T, D>(); }
+};
+struct LocalRowsDq {
+  template <typename T, int D> static constexpr auto simt() { return local_rows_bwd_dq_kernel<T, D>; }
+  template <typename T, int D> static constexpr auto tc() { return tc::local_rows_bwd_dq_tc_kernel<T, D>; }
+  template <typename T, int D> static constexpr size_t tc_smem() { return tc::dq_tc_smem<T, D>(); }
+};
+struct LocalRowsDkvBand {
+  template <typename T, int D> static constexpr auto simt() { return local_rows_bwd_dkv_band_kernel<T, D>; }
+  template <typename T, int D> static constexpr auto tc() { return tc::local_rows_bwd_dkv_band_tc_kernel<T, D>; }
+  template <typename T, int D> static constexpr size_t tc_smem() { return tc::dkv_tc_smem<T, D>(); }
+};
+
+// The one place that chooses between the two: tensor cores for fp16/bf16 unless PREFIX_KERNELS_CUDA_SIMT asks
+// for SIMT or the block's shared memory does not fit this device; SIMT otherwise.
+template <typename Stage, typename T, int D>
+cudaError_t launch_local_rows(const Params& p, cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    constexpr size_t smem = Stage::template tc_smem<T, D>();
+    if (!p.simt_only && tc_fits(smem)) return launch_tc(Stage::template tc<T, D>(), smem, p, stream);
+  }
+  constexpr auto simt = Stage::template simt<T, D>();
+  PK_LAUNCH(simt, static_cast<int64_t>(p.B) * p.H * p.N, p);
+  return cudaSuccess;
+}
+
 template <typename T, int D>
 cudaError_t launch_forward(const Params& p, cudaStream_t stream) {
-  const cudaError_t err = launch_build_tok(p, stream);
+  cudaError_t err = launch_build_tok(p, stream);
+  if (err == cudaSuccess) err = launch_local_rows<LocalRowsFwd, T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.N;
-  {
-    bool done = false;
-    if constexpr (!std::is_same<T, float>::value) {
-      if (!p.simt_only && tc_fits(tc::fwd_tc_smem<T, D>())) {
-        const cudaError_t e = launch_tc((tc::local_rows_fwd_tc_kernel<T, D>), tc::fwd_tc_smem<T, D>(), p, stream);
-        if (e != cudaSuccess) return e;
-        done = true;
-      }
-    }
-    if (!done) PK_LAUNCH((local_rows_fwd_kernel<T, D>), rows, p);
-  }
   if (p.max_global > 0) {
     const int64_t slots = static_cast<int64_t>(p.B) * p.H * p.max_global;
     PK_LAUNCH((global_rows_fwd_split_kernel<T, D>), slots * p.num_splits, p);
@@ -116,32 +136,13 @@ cudaError_t launch_forward(const Params& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t launch_backward(const Params& p, cudaStream_t stream) {
-  const cudaError_t err = launch_build_tok(p, stream);
+  cudaError_t err = launch_build_tok(p, stream);
   if (err != cudaSuccess) return err;
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.N;
   PK_LAUNCH((bwd_delta_kernel<T, D>), rows, p);
-  {
-    bool done = false;
-    if constexpr (!std::is_same<T, float>::value) {
-      if (!p.simt_only && tc_fits(tc::dq_tc_smem<T, D>())) {
-        const cudaError_t e = launch_tc((tc::local_rows_bwd_dq_tc_kernel<T, D>), tc::dq_tc_smem<T, D>(), p, stream);
-        if (e != cudaSuccess) return e;
-        done = true;
-      }
-    }
-    if (!done) PK_LAUNCH((local_rows_bwd_dq_kernel<T, D>), rows, p);
-  }
-  {
-    bool done = false;
-    if constexpr (!std::is_same<T, float>::value) {
-      if (!p.simt_only && tc_fits(tc::dkv_tc_smem<T, D>())) {
-        const cudaError_t e = launch_tc((tc::local_rows_bwd_dkv_band_tc_kernel<T, D>), tc::dkv_tc_smem<T, D>(), p, stream);
-        if (e != cudaSuccess) return e;
-        done = true;
-      }
-    }
-    if (!done) PK_LAUNCH((local_rows_bwd_dkv_band_kernel<T, D>), rows, p);
-  }
+  err = launch_local_rows<LocalRowsDq, T, D>(p, stream);
+  if (err == cudaSuccess) err = launch_local_rows<LocalRowsDkvBand, T, D>(p, stream);
+  if (err != cudaSuccess) return err;
   const int shared_keys = p.max_global + p.P;
   if (shared_keys > 0) {
     const int num_chunks = (p.N + LOCAL_QCHUNK - 1) / LOCAL_QCHUNK;
