@@ -2,6 +2,9 @@
 
     python benchmarks/cuda_sass_diff.py OLD.so NEW.so [--arch 80,90] [--diff 40] [--cuobjdump PATH] [--all]
 
+(Any file `cuobjdump -sass` reads will do, a `.cubin` or `.o` too: compiling one translation unit with
+`nvcc -cubin` and comparing it against the full library is a quick check while editing one file.)
+
 A refactoring of `csrc/` that must not touch the numerical code is checked by dumping both libraries with
 `cuobjdump -sass` and comparing each kernel's instructions, per architecture. What is not compared, because it
 legitimately differs between two builds of the same kernels: the fatbin section headers (source path, section
@@ -35,7 +38,7 @@ from pathlib import Path
 _ADDR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s*")
 _ENCODING = re.compile(r"^\s*/\* 0x[0-9a-f]{16} \*/\s*$")
 _FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$")
-_ARCH = re.compile(r"^arch = sm_(\d+)\s*$")
+_ARCH = re.compile(r"^(?:arch = |\s*code for )sm_(\d+)\s*$")
 
 
 def find_cuobjdump(explicit: str | None = None) -> str:
@@ -70,10 +73,10 @@ def parse_sass(text: str) -> dict[tuple[int, str], list[tuple[str, ...]]]:
             kernels[(arch, name)].append(tuple(body))
 
     for line in text.splitlines():
-        if line and not line[0].isspace():  # a fatbin section header ends the function before it
+        m = _ARCH.match(line)
+        if m or (line and not line[0].isspace()):  # a section header ends the function before it
             close()
             name, body = None, []
-            m = _ARCH.match(line)
             if m:
                 arch = int(m.group(1))
             continue
