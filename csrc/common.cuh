@@ -47,6 +47,23 @@ __device__ __forceinline__ int64_t global_warp_id() {
   return static_cast<int64_t>(blockIdx.x) * WARPS_PER_BLOCK + (threadIdx.x >> 5);
 }
 
+// This warp's (b, h, x) in a kernel with one warp per (b, h, x), x < p.*n, and its lane; false for the warps of
+// the last block past the final (b, h, x). n names the field instead of passing its value because the field is
+// then read at each use, as the kernels always read it; a value read once compiles to different code.
+struct WarpTask {
+  int b, h, x, lane;
+};
+__device__ __forceinline__ bool warp_task(const Params& p, int Params::*n, WarpTask& t) {
+  const int64_t w = global_warp_id();
+  t.lane = threadIdx.x & 31;
+  if (w >= static_cast<int64_t>(p.B) * p.H * (p.*n)) return false;
+  t.x = static_cast<int>(w % (p.*n));
+  const int bh = static_cast<int>(w / (p.*n));
+  t.h = bh % p.H;
+  t.b = bh / p.H;
+  return true;
+}
+
 __device__ __forceinline__ int global_count_of(const Params& p, int b) {
   if (p.global_idx == nullptr || p.global_count == nullptr || p.max_global <= 0) return 0;
   const int c = p.global_count[b];
@@ -57,6 +74,24 @@ __device__ __forceinline__ int global_count_of(const Params& p, int b) {
 __device__ __forceinline__ int global_pos(const Params& p, int b, int g) {
   const int j = p.global_idx[static_cast<int64_t>(b) * p.max_global + g];
   return (j >= 0 && j < p.N) ? j : -1;
+}
+
+// This warp's (b, h, global slot g, key split s) in the global-row split kernels, and its lane; false past the
+// last warp or when slot g is beyond batch row b's global count.
+struct GlobalSplitTask {
+  int b, h, g, s, lane;
+};
+__device__ __forceinline__ bool global_split_task(const Params& p, GlobalSplitTask& t) {
+  const int64_t w = global_warp_id();
+  t.lane = threadIdx.x & 31;
+  if (w >= static_cast<int64_t>(p.B) * p.H * p.max_global * p.num_splits) return false;
+  t.s = static_cast<int>(w % p.num_splits);
+  int64_t r = w / p.num_splits;
+  t.g = static_cast<int>(r % p.max_global);
+  r /= p.max_global;
+  t.h = static_cast<int>(r % p.H);
+  t.b = static_cast<int>(r / p.H);
+  return t.g < global_count_of(p, t.b);
 }
 
 // Key/value rows of column c of a global row (c < N: k_global/v_global, else prefix c - N); nullptr for a

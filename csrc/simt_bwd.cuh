@@ -14,12 +14,9 @@ constexpr int LOCAL_QCHUNK = 256;
 // delta[b, h, i] = sum_d dO * O in fp32 (0 for padding rows)
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) bwd_delta_kernel(Params p) {
-  const int64_t w = global_warp_id();
-  const int lane = threadIdx.x & 31;
-  if (w >= static_cast<int64_t>(p.B) * p.H * p.N) return;
-  const int i = static_cast<int>(w % p.N);
-  const int bh = static_cast<int>(w / p.N);
-  const int h = bh % p.H, b = bh / p.H;
+  WarpTask t;
+  if (!warp_task(p, &Params::N, t)) return;
+  const int i = t.x, h = t.h, b = t.b, lane = t.lane;
   float ox[RowLayout<D>::E], dox[RowLayout<D>::E];
   load_row<T, D>(static_cast<const T*>(p.out) + bnhd(p, b, i, h), lane, ox);
   load_row<T, D>(static_cast<const T*>(p.dout) + bnhd(p, b, i, h), lane, dox);
@@ -42,15 +39,49 @@ __device__ __forceinline__ void pair_grad(const Params& p, const float (&qrow)[R
   ds = prob * (dp * mul - delta);
 }
 
+// The two halves of one (query row, key) pair in the loops over a key's queries (the shared-key and global-row
+// dK/dV kernels), split around the warp reductions so that a batch of rows shares them:
+// query_row_dots loads the query's q and dO rows when ok (zeros otherwise: the warp still joins the
+// reductions) and their unreduced dots with the key's k and v rows;
+template <typename T, int D>
+__device__ __forceinline__ void query_row_dots(const Params& p, int b, int h, int row, bool ok, const T* q,
+                                               const T* dout, int lane, const float (&kx)[RowLayout<D>::E],
+                                               const float (&vx)[RowLayout<D>::E], float (&qx)[RowLayout<D>::E],
+                                               float (&dox)[RowLayout<D>::E], float& s, float& dp) {
+  if (ok) {
+    load_row<T, D>(q + bnhd(p, b, row, h), lane, qx);
+    load_row<T, D>(dout + bnhd(p, b, row, h), lane, dox);
+  } else {
+#pragma unroll
+    for (int e = 0; e < RowLayout<D>::E; ++e) qx[e] = dox[e] = 0.f;
+  }
+  s = lane_dot<D>(qx, kx);
+  dp = lane_dot<D>(dox, vx);
+}
+
+// add_key_grads adds the query's share to the key's dK (before the softmax scale) and dV from the reduced dots.
+template <int D>
+__device__ __forceinline__ void add_key_grads(const Params& p, int b, int h, int row, int col, float s, float dp,
+                                              float lse2, const float (&qx)[RowLayout<D>::E],
+                                              const float (&dox)[RowLayout<D>::E], float (&dkx)[RowLayout<D>::E],
+                                              float (&dvx)[RowLayout<D>::E]) {
+  const float prob = exp2f(s * p.scale_log2 - lse2);
+  const float mul = dropout_mul(p, b, h, row, col);
+  const float pd = prob * mul;
+  const float ds = prob * (dp * mul - p.delta[bhn(p, b, h, row)]);
+#pragma unroll
+  for (int e = 0; e < RowLayout<D>::E; ++e) {
+    dkx[e] = fmaf(ds, qx[e], dkx[e]);
+    dvx[e] = fmaf(pd, dox[e], dvx[e]);
+  }
+}
+
 // dQ of local rows: one warp per (b, h, i), same keys as the forward. Non-local rows get dq = 0.
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) local_rows_bwd_dq_kernel(Params p) {
-  const int64_t w = global_warp_id();
-  const int lane = threadIdx.x & 31;
-  if (w >= static_cast<int64_t>(p.B) * p.H * p.N) return;
-  const int i = static_cast<int>(w % p.N);
-  const int bh = static_cast<int>(w / p.N);
-  const int h = bh % p.H, b = bh / p.H;
+  WarpTask t;
+  if (!warp_task(p, &Params::N, t)) return;
+  const int i = t.x, h = t.h, b = t.b, lane = t.lane;
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   T* dqrow = static_cast<T*>(p.dq) + bnhd(p, b, i, h);
   const float lse2 = p.lse[bhn(p, b, h, i)];
@@ -96,12 +127,9 @@ __global__ void __launch_bounds__(THREADS) local_rows_bwd_dq_kernel(Params p) {
 // the finalize kernel; padding key rows get 0.
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) local_rows_bwd_dkv_band_kernel(Params p) {
-  const int64_t w = global_warp_id();
-  const int lane = threadIdx.x & 31;
-  if (w >= static_cast<int64_t>(p.B) * p.H * p.N) return;
-  const int j = static_cast<int>(w % p.N);
-  const int bh = static_cast<int>(w / p.N);
-  const int h = bh % p.H, b = bh / p.H;
+  WarpTask t;
+  if (!warp_task(p, &Params::N, t)) return;
+  const int j = t.x, h = t.h, b = t.b, lane = t.lane;
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   const int tj = tok[j];
   if (tj >= 0) return;
@@ -196,30 +224,13 @@ __global__ void __launch_bounds__(THREADS) local_rows_bwd_dkv_shared_keys_kernel
       const int ii = i + u;
       lse_u[u] = ii < i1 && tok[ii] == TOK_LOCAL ? p.lse[bhn(p, b, h, ii)] : INFINITY;
       ok[u] = lse_u[u] < INFINITY;  // uniform over the warp
-      if (ok[u]) {
-        load_row<T, D>(q + bnhd(p, b, ii, h), lane, qb[u]);
-        load_row<T, D>(dout + bnhd(p, b, ii, h), lane, ob[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) qb[u][e] = ob[u][e] = 0.f;
-      }
-      sd[2 * u] = lane_dot<D>(qb[u], kx);
-      sd[2 * u + 1] = lane_dot<D>(ob[u], vx);
+      query_row_dots<T, D>(p, b, h, ii, ok[u], q, dout, lane, kx, vx, qb[u], ob[u], sd[2 * u], sd[2 * u + 1]);
     }
     warp_sum_n<2 * KEY_BATCH>(sd);
 #pragma unroll
     for (int u = 0; u < KEY_BATCH; ++u) {
       if (!ok[u]) continue;
-      const int ii = i + u;
-      const float prob = exp2f(sd[2 * u] * p.scale_log2 - lse_u[u]);
-      const float mul = dropout_mul(p, b, h, ii, col);
-      const float pd = prob * mul;
-      const float ds = prob * (sd[2 * u + 1] * mul - p.delta[bhn(p, b, h, ii)]);
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        dkx[e] = fmaf(ds, qb[u][e], dkx[e]);
-        dvx[e] = fmaf(pd, ob[u][e], dvx[e]);
-      }
+      add_key_grads<D>(p, b, h, i + u, col, sd[2 * u], sd[2 * u + 1], lse_u[u], qb[u], ob[u], dkx, dvx);
       any = true;
     }
   }
@@ -232,15 +243,9 @@ __global__ void __launch_bounds__(THREADS) local_rows_bwd_dkv_shared_keys_kernel
 // dq_global of global rows: one warp per (b, h, g, split) over that split's columns, one atomicAdd at the end.
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) global_rows_bwd_dq_kernel(Params p) {
-  const int64_t w = global_warp_id();
-  const int lane = threadIdx.x & 31;
-  if (w >= static_cast<int64_t>(p.B) * p.H * p.max_global * p.num_splits) return;
-  const int s = static_cast<int>(w % p.num_splits);
-  int64_t r = w / p.num_splits;
-  const int g = static_cast<int>(r % p.max_global);
-  r /= p.max_global;
-  const int h = static_cast<int>(r % p.H), b = static_cast<int>(r / p.H);
-  if (g >= global_count_of(p, b)) return;
+  GlobalSplitTask t;
+  if (!global_split_task(p, t)) return;
+  const int b = t.b, h = t.h, g = t.g, s = t.s, lane = t.lane;
   const int gi = global_pos(p, b, g);
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   if (gi < 0 || tok[gi] != g) return;
@@ -330,30 +335,13 @@ __global__ void __launch_bounds__(THREADS) global_rows_bwd_dkv_kernel(Params p) 
         gi_u[u] = gi;
         lse_u[u] = (gi >= 0 && tok[gi] == g + u) ? p.lse[bhn(p, b, h, gi)] : INFINITY;
         ok[u] = lse_u[u] < INFINITY;  // uniform over the warp
-        if (ok[u]) {
-          load_row<T, D>(qg + bnhd(p, b, gi, h), lane, qb[u]);
-          load_row<T, D>(dout + bnhd(p, b, gi, h), lane, ob[u]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < E; ++e) qb[u][e] = ob[u][e] = 0.f;
-        }
-        sd[2 * u] = lane_dot<D>(qb[u], kx);
-        sd[2 * u + 1] = lane_dot<D>(ob[u], vx);
+        query_row_dots<T, D>(p, b, h, gi, ok[u], qg, dout, lane, kx, vx, qb[u], ob[u], sd[2 * u], sd[2 * u + 1]);
       }
       warp_sum_n<2 * KEY_BATCH>(sd);
 #pragma unroll
       for (int u = 0; u < KEY_BATCH; ++u) {
         if (!ok[u]) continue;
-        const int gi = gi_u[u];
-        const float prob = exp2f(sd[2 * u] * p.scale_log2 - lse_u[u]);
-        const float mul = dropout_mul(p, b, h, gi, c);
-        const float pd = prob * mul;
-        const float ds = prob * (sd[2 * u + 1] * mul - p.delta[bhn(p, b, h, gi)]);
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          dkx[e] = fmaf(ds, qb[u][e], dkx[e]);
-          dvx[e] = fmaf(pd, ob[u][e], dvx[e]);
-        }
+        add_key_grads<D>(p, b, h, gi_u[u], c, sd[2 * u], sd[2 * u + 1], lse_u[u], qb[u], ob[u], dkx, dvx);
       }
     }
   }

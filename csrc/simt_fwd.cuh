@@ -23,12 +23,9 @@ __device__ __forceinline__ void fwd_key(const Params& p, const float (&qrow)[Row
 // local rows: one warp per (b, h, i)
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) local_rows_fwd_kernel(Params p) {
-  const int64_t w = global_warp_id();
-  const int lane = threadIdx.x & 31;
-  if (w >= static_cast<int64_t>(p.B) * p.H * p.N) return;
-  const int i = static_cast<int>(w % p.N);
-  const int bh = static_cast<int>(w / p.N);
-  const int h = bh % p.H, b = bh / p.H;
+  WarpTask t;
+  if (!warp_task(p, &Params::N, t)) return;
+  const int i = t.x, h = t.h, b = t.b, lane = t.lane;
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   const int ti = tok[i];
   if (ti >= 0) return;  // global row: written by the global-row kernels
@@ -80,15 +77,9 @@ __device__ __forceinline__ int64_t gpart_offset(const Params& p, int b, int h, i
 
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) global_rows_fwd_split_kernel(Params p) {
-  const int64_t w = global_warp_id();
-  const int lane = threadIdx.x & 31;
-  if (w >= static_cast<int64_t>(p.B) * p.H * p.max_global * p.num_splits) return;
-  const int s = static_cast<int>(w % p.num_splits);
-  int64_t r = w / p.num_splits;
-  const int g = static_cast<int>(r % p.max_global);
-  r /= p.max_global;
-  const int h = static_cast<int>(r % p.H), b = static_cast<int>(r / p.H);
-  if (g >= global_count_of(p, b)) return;
+  GlobalSplitTask t;
+  if (!global_split_task(p, t)) return;
+  const int b = t.b, h = t.h, g = t.g, s = t.s, lane = t.lane;
   const int gi = global_pos(p, b, g);
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   float* part = p.gpart + gpart_offset(p, b, h, g, s);

@@ -22,17 +22,11 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_bwd_dq_tc_kernel(Params p
   float* Ss = reinterpret_cast<float*>(cur += S::tileT);
   float* dPs = reinterpret_cast<float*>(cur += S::tileS);
   T* dSs = reinterpret_cast<T*>(cur += S::tileS);
-  int64_t* col_off = reinterpret_cast<int64_t*>(cur += S::tileP);
-  int* col_kind = reinterpret_cast<int*>(col_off + BN);
-  int* col_id = col_kind + BN;
-  int* col_prefix = col_id + BN;
+  const KeyCols cols = key_cols_at(cur += S::tileP);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n_row_tiles = (p.N + BM - 1) / BM;
-  const int bh = static_cast<int>(blockIdx.x / n_row_tiles);
-  const int h = bh % p.H, b = bh / p.H;
-  const int r0 = static_cast<int>(blockIdx.x % n_row_tiles) * BM;
-  const int r1 = min(r0 + BM, p.N);
+  const BlockRows rows = block_rows(p);
+  const int b = rows.b, h = rows.h, r0 = rows.r0, r1 = rows.r1;
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
@@ -54,7 +48,7 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_bwd_dq_tc_kernel(Params p
   const int n_tiles = tp.n_band + tp.n_extra;
   for (int t = 0; t < n_tiles; ++t) {
     __syncthreads();
-    stage_key_tile<T, D>(p, tok, b, h, tp, t, col_off, col_kind, col_id, col_prefix, Ks, Vs);
+    stage_key_tile<T, D>(p, tok, b, h, tp, t, cols, Ks, Vs);
     __syncthreads();
     warp_abt<T, D>(Ss + warp * 16 * S::LDS, Qs + warp * 16 * S::LDT, Ks);
     warp_abt<T, D>(dPs + warp * 16 * S::LDS, dOs + warp * 16 * S::LDT, Vs);
@@ -64,12 +58,12 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_bwd_dq_tc_kernel(Params p
     T* dsrow = dSs + row * S::LDP + half * 32;
     for (int c = 0; c < 32; ++c) {
       const int col = half * 32 + c;
-      const int kind = col_kind[col];
-      const bool ok = row_ok && (kind == KIND_EXTRA || (kind == KIND_BAND && abs(i - col_id[col]) <= p.window));
+      const int kind = cols.kind[col];
+      const bool ok = row_ok && (kind == KIND_EXTRA || (kind == KIND_BAND && abs(i - cols.id[col]) <= p.window));
       float ds = 0.f;
       if (ok) {
         const float pr = exp2f(srow[c] * p.scale_log2 - lse2);
-        const float mul = dropout_mul(p, b, h, i, col_id[col]);
+        const float mul = dropout_mul(p, b, h, i, cols.id[col]);
         ds = pr * (dprow[c] * mul - delta);
       }
       dsrow[c] = from_f<T>(ds);
@@ -109,11 +103,8 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_bwd_dkv_band_tc_kernel(Pa
   int* q_ok = reinterpret_cast<int*>(q_delta + BM);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n_key_tiles = (p.N + BN - 1) / BN;
-  const int bh = static_cast<int>(blockIdx.x / n_key_tiles);
-  const int h = bh % p.H, b = bh / p.H;
-  const int j0 = static_cast<int>(blockIdx.x % n_key_tiles) * BN;
-  const int j1 = min(j0 + BN, p.N);
+  const BlockRows rows = block_rows(p);
+  const int b = rows.b, h = rows.h, j0 = rows.r0, j1 = rows.r1;
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);

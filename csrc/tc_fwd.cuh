@@ -18,17 +18,11 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_fwd_tc_kernel(Params p) {
   float* Ss = reinterpret_cast<float*>(smem + 3 * S::tileT);
   T* Ps = reinterpret_cast<T*>(smem + 3 * S::tileT + S::tileS);
   float* Os = reinterpret_cast<float*>(smem + 3 * S::tileT + S::tileS + S::tileP);
-  int64_t* col_off = reinterpret_cast<int64_t*>(smem + 3 * S::tileT + S::tileS + S::tileP + S::tileO);
-  int* col_kind = reinterpret_cast<int*>(col_off + BN);
-  int* col_id = col_kind + BN;
-  int* col_prefix = col_id + BN;
+  const KeyCols cols = key_cols_at(smem + 3 * S::tileT + S::tileS + S::tileP + S::tileO);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n_row_tiles = (p.N + BM - 1) / BM;
-  const int bh = static_cast<int>(blockIdx.x / n_row_tiles);
-  const int h = bh % p.H, b = bh / p.H;
-  const int r0 = static_cast<int>(blockIdx.x % n_row_tiles) * BM;
-  const int r1 = min(r0 + BM, p.N);
+  const BlockRows rows = block_rows(p);
+  const int b = rows.b, h = rows.h, r0 = rows.r0, r1 = rows.r1;
   const int32_t* tok = p.tok + static_cast<int64_t>(b) * p.N;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -51,20 +45,9 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_fwd_tc_kernel(Params p) {
   const int n_tiles = tp.n_band + tp.n_extra;
   for (int t = 0; t < n_tiles; ++t) {
     __syncthreads();  // previous tile's K/V (and, the first time, nothing) fully consumed
-    if (threadIdx.x < BN) {
-      const KeyCol c = tile_col(p, tok, b, h, tp, t, threadIdx.x);
-      col_off[threadIdx.x] = c.k_off;
-      col_kind[threadIdx.x] = c.kind;
-      col_id[threadIdx.x] = c.id;
-      col_prefix[threadIdx.x] = c.prefix ? 1 : 0;
-    }
+    stage_key_cols(p, tok, b, h, tp, t, cols);
     __syncthreads();
-    load_tile<T, D>(Ks, [&](int c) -> const T* {
-      return col_off[c] < 0 ? nullptr : (col_prefix[c] ? static_cast<const T*>(p.pk) : k) + col_off[c];
-    });
-    load_tile<T, D>(Vs, [&](int c) -> const T* {
-      return col_off[c] < 0 ? nullptr : (col_prefix[c] ? static_cast<const T*>(p.pv) : v) + col_off[c];
-    });
+    load_key_rows<T, D>(p, k, v, cols, Ks, Vs);
     __syncthreads();
 
     warp_abt<T, D>(Ss + warp * 16 * S::LDS, Qs + warp * 16 * S::LDT, Ks);
@@ -76,8 +59,8 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_fwd_tc_kernel(Params p) {
     float mx = -INFINITY;
     for (int c = 0; c < 32; ++c) {
       const int col = half * 32 + c;
-      const int kind = col_kind[col];
-      const bool ok = row_local && (kind == KIND_EXTRA || (kind == KIND_BAND && abs(i - col_id[col]) <= p.window));
+      const int kind = cols.kind[col];
+      const bool ok = row_local && (kind == KIND_EXTRA || (kind == KIND_BAND && abs(i - cols.id[col]) <= p.window));
       if (ok) mx = fmaxf(mx, srow[c] * p.scale_log2);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -92,13 +75,13 @@ __global__ void __launch_bounds__(NTHREADS) local_rows_fwd_tc_kernel(Params p) {
     float rowsum = 0.f;
     for (int c = 0; c < 32; ++c) {
       const int col = half * 32 + c;
-      const int kind = col_kind[col];
-      const bool ok = row_local && (kind == KIND_EXTRA || (kind == KIND_BAND && abs(i - col_id[col]) <= p.window));
+      const int kind = cols.kind[col];
+      const bool ok = row_local && (kind == KIND_EXTRA || (kind == KIND_BAND && abs(i - cols.id[col]) <= p.window));
       float pr = 0.f;
       if (ok) {
         pr = exp2f(srow[c] * p.scale_log2 - base);
         rowsum += pr;
-        pr *= dropout_mul(p, b, h, i, col_id[col]);
+        pr *= dropout_mul(p, b, h, i, cols.id[col]);
       }
       prow[c] = from_f<T>(pr);
     }

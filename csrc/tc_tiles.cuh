@@ -148,6 +148,23 @@ __device__ __forceinline__ void warp_store_frag(float* dst, const FragC (&acc)[D
   for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(dst + n * 16, acc[n], Smem<T, D>::LDO, wmma::mem_row_major);
 }
 
+// This block's (b, h) and its rows [r0, r1): one block per (b, h, 64 consecutive rows), query rows in the forward
+// and dQ kernels, key rows in the band dK/dV kernel.
+struct BlockRows {
+  int b, h, r0, r1;
+};
+__device__ __forceinline__ BlockRows block_rows(const Params& p) {
+  static_assert(BM == BN, "query and key tiles have the same height");
+  const int n_tiles = (p.N + BM - 1) / BM;
+  const int bh = static_cast<int>(blockIdx.x / n_tiles);
+  BlockRows r;
+  r.h = bh % p.H;
+  r.b = bh / p.H;
+  r.r0 = static_cast<int>(blockIdx.x % n_tiles) * BM;
+  r.r1 = min(r.r0 + BM, p.N);
+  return r;
+}
+
 // The key tiles of query rows [r0, r1): band tiles, then extra tiles. Returns the number of tiles; tile_col
 // gives column c of tile t.
 struct TilePlan {
@@ -173,27 +190,55 @@ __device__ __forceinline__ KeyCol tile_col(const Params& p, const int32_t* tok, 
   return extra_col(p, tok, b, h, tp.G, (t - tp.n_band) * BN + c);
 }
 
-// Column metadata of a key tile into shared memory, then its K and V rows (callers barrier around it).
-template <typename T, int D>
-__device__ __forceinline__ void stage_key_tile(const Params& p, const int32_t* tok, int b, int h, const TilePlan& tp,
-                                               int t, int64_t* col_off, int* col_kind, int* col_id, int* col_prefix,
-                                               T* Ks, T* Vs) {
+// The staged key tile's column metadata (KeyCol, BN entries per array) in shared memory, next to the tiles.
+struct KeyCols {
+  int64_t* off;
+  int* kind;
+  int* id;
+  int* prefix;
+};
+
+__device__ __forceinline__ KeyCols key_cols_at(unsigned char* at) {
+  KeyCols c;
+  c.off = reinterpret_cast<int64_t*>(at);
+  c.kind = reinterpret_cast<int*>(c.off + BN);
+  c.id = c.kind + BN;
+  c.prefix = c.id + BN;
+  return c;
+}
+
+// Column metadata of key tile t into shared memory (callers barrier after it).
+__device__ __forceinline__ void stage_key_cols(const Params& p, const int32_t* tok, int b, int h, const TilePlan& tp,
+                                               int t, const KeyCols& cols) {
   if (threadIdx.x < BN) {
     const KeyCol c = tile_col(p, tok, b, h, tp, t, threadIdx.x);
-    col_off[threadIdx.x] = c.k_off;
-    col_kind[threadIdx.x] = c.kind;
-    col_id[threadIdx.x] = c.id;
-    col_prefix[threadIdx.x] = c.prefix ? 1 : 0;
+    cols.off[threadIdx.x] = c.k_off;
+    cols.kind[threadIdx.x] = c.kind;
+    cols.id[threadIdx.x] = c.id;
+    cols.prefix[threadIdx.x] = c.prefix ? 1 : 0;
   }
-  __syncthreads();
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
+}
+
+// The K and V rows of the staged columns: k, v for band and global keys, p.pk, p.pv for prefix keys.
+template <typename T, int D>
+__device__ __forceinline__ void load_key_rows(const Params& p, const T* k, const T* v, const KeyCols& cols, T* Ks,
+                                              T* Vs) {
   load_tile<T, D>(Ks, [&](int c) -> const T* {
-    return col_off[c] < 0 ? nullptr : (col_prefix[c] ? static_cast<const T*>(p.pk) : k) + col_off[c];
+    return cols.off[c] < 0 ? nullptr : (cols.prefix[c] ? static_cast<const T*>(p.pk) : k) + cols.off[c];
   });
   load_tile<T, D>(Vs, [&](int c) -> const T* {
-    return col_off[c] < 0 ? nullptr : (col_prefix[c] ? static_cast<const T*>(p.pv) : v) + col_off[c];
+    return cols.off[c] < 0 ? nullptr : (cols.prefix[c] ? static_cast<const T*>(p.pv) : v) + cols.off[c];
   });
+}
+
+// Both, with the barrier between them (callers barrier around it). The forward kernel calls the two halves
+// itself, with the k and v it reads once before its tile loop.
+template <typename T, int D>
+__device__ __forceinline__ void stage_key_tile(const Params& p, const int32_t* tok, int b, int h, const TilePlan& tp,
+                                               int t, const KeyCols& cols, T* Ks, T* Vs) {
+  stage_key_cols(p, tok, b, h, tp, t, cols);
+  __syncthreads();
+  load_key_rows<T, D>(p, static_cast<const T*>(p.k), static_cast<const T*>(p.v), cols, Ks, Vs);
 }
 
 }  // namespace tc
