@@ -11,7 +11,7 @@
 // Tensors are contiguous: q, k, v, q_global, k_global, v_global, out, grads (B, N, H, D); prefix (B, P, H, D);
 // key_padding_mask (B, N) bool (1 byte); global_idx (B, max_global) int32 in increasing order with entries
 // past global_count[b] unused; global_count (B,) int32; lse and delta (B, H, N) fp32.
-// Workspaces the caller allocates (sizes from pk_*_workspace_floats below):
+// Workspaces the caller allocates (gpart_ws's size from pk_forward_workspace_floats below):
 //   forward:  tok_ws (B, N) int32; gpart_ws (B, H, max_global, num_splits, D + 2) fp32
 //   backward: tok_ws (B, N) int32; delta_ws (B, H, N) fp32; and ZEROED fp32 dk_gslot_ws, dv_gslot_ws,
 //             dqg_gslot_ws (B, max_global, H, D) and dprefix_k_ws, dprefix_v_ws (B, P, H, D). The prefix
@@ -60,8 +60,8 @@ constexpr FieldInfo kFields[] = {PK_PARAMS_FIELDS(PK_FIELD_INFO)};
 #undef PK_FIELD_INFO
 constexpr int kFieldCount = static_cast<int>(sizeof(kFields) / sizeof(kFields[0]));
 
-// Checks shared by both directions; fills pk::Params from them. Nothing past the header is read when the
-// caller's ABI version or struct size differs from the library's.
+// Checks shared by both directions; fills pk::Params from them. No field past abi_version and struct_size is
+// read when either differs from the library's: the caller's struct may then have another layout.
 int fill_common(pk::Params& p, const pk_params* a) {
   if (a == nullptr) return fail_args("null params");
   if (a->abi_version != PK_ABI_VERSION || a->struct_size != sizeof(pk_params)) {

@@ -1,5 +1,5 @@
-// SIMT backward: delta, the local rows' dQ and band dK/dV (fp32; fp16/bf16 use tc_bwd.cuh unless forced to
-// SIMT), the shared-key (global/prefix) dK/dV, the global rows' gradients and the finalize scatter.
+// SIMT backward: delta, the local rows' dQ and band dK/dV (for fp32, and for fp16/bf16 when launch.cuh does not
+// pick tc_bwd.cuh), the shared-key (global/prefix) dK/dV, the global rows' gradients and the finalize scatter.
 
 #pragma once
 

@@ -1,5 +1,6 @@
 // SIMT forward: local rows (one warp per (b, h, i)) and global rows (one warp per (b, h, g, key split), then a
-// merge warp per (b, h, g)). Every dtype runs the global rows here; fp32 also runs the local rows here.
+// merge warp per (b, h, g)). Every dtype runs the global rows here; the local rows run here for fp32, and for
+// fp16/bf16 when launch.cuh does not pick the tensor-core kernel.
 
 #pragma once
 

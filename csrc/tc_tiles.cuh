@@ -1,7 +1,7 @@
 // Tensor-core paths (fp16 / bf16): nvcuda::wmma 16x16x16 fragments with fp32 accumulators.
 //
-// Local rows only (the band dominates the work). A block of 4 warps owns TC_BM = 64 consecutive query rows of
-// one (b, h); each warp owns 16 of them. Keys arrive in tiles of TC_BN = 64 columns staged in shared memory:
+// Local rows only (the band dominates the work). A block of 4 warps owns BM = 64 consecutive query rows of
+// one (b, h); each warp owns 16 of them. Keys arrive in tiles of BN = 64 columns staged in shared memory:
 // first the band [r0 - w, r1 - 1 + w], then "extra" tiles holding the row's global keys (local k, v gathered
 // through global_idx) and the prefix keys. Column metadata (kind, dropout column id) sits next to the tile, so
 // masking is the same per-element rule as the SIMT kernels: band column j allowed for row i iff

@@ -89,8 +89,8 @@ __device__ __forceinline__ void warp_sum_n(float (&x)[K]) {
   }
 }
 
-// Keys per batch in the warp-per-row loops over long key ranges (the global rows). 4 was measured 40% slower
-// than 1 on an H200 (more registers, fewer warps in flight, and these loops are L2-bandwidth bound).
+// Keys per batch in the warp-per-row loops over long key or query ranges (the global rows, the shared-key dK/dV):
+// one, since a larger batch costs registers and warps in flight in loops that L2 bandwidth bounds.
 constexpr int KEY_BATCH = 1;
 
 // online softmax state of one query row
