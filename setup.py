@@ -1,8 +1,10 @@
 """Build script: compiles `csrc/*.cu` into a torch-free shared library when `nvcc` is available.
 
-The library exposes `extern "C"` launchers that take raw device pointers and a CUDA stream; Python loads it
-with `ctypes` (see `prefix_kernels/backends/cuda.py`). It needs no torch headers, so it builds in seconds,
-works under pip's build isolation, and loads under any installed torch.
+The library exposes `extern "C"` launchers that take a pointer to one parameter struct (`pk_params` in
+`csrc/params.h`: raw device pointers, sizes, scalars) and a CUDA stream; Python loads it with `ctypes` and
+mirrors the struct (see `prefix_kernels/backends/cuda.py`). It needs no torch headers, so it works under pip's
+build isolation and loads under any installed torch. Every `csrc/*.cu` is compiled on its own, in parallel (the
+kernels one file per dtype and direction, `api.cu` and `token_table.cu` apart), then linked into one library.
 
 Environment:
   PREFIX_KERNELS_BUILD_CUDA   unset: build if nvcc is found, else warn; "0": skip; "1": build or fail.

@@ -1,38 +1,30 @@
-// C API of the CUDA backend: `extern "C"` entry points taking raw device pointers, sizes, scalars and a
-// cudaStream_t (as void*). Every entry point returns 0 on success, else a nonzero code whose message
-// pk_last_error() returns (per host thread). No torch headers: the library loads under any torch.
+// C API of the CUDA backend: `extern "C"` entry points. pk_forward / pk_backward take a pointer to a filled
+// `pk_params` (params.h: raw device pointers, sizes, scalars) and a cudaStream_t (as void*). Every entry point
+// that can fail returns 0 on success, else a nonzero code whose message pk_last_error() returns (per host thread).
+// No torch headers: the library loads under any torch.
+//
+// ABI: a caller sets params.abi_version = PK_ABI_VERSION (pk_abi_version()) and params.struct_size =
+// sizeof(pk_params); a call whose pair differs from the library's fails with an argument error before reading any
+// other field. pk_params_size() and pk_params_field_{count,name,offset,size}() export the struct's layout, so a
+// binding can check its mirror of the struct without a GPU.
 //
 // Tensors are contiguous: q, k, v, q_global, k_global, v_global, out, grads (B, N, H, D); prefix (B, P, H, D);
 // key_padding_mask (B, N) bool (1 byte); global_idx (B, max_global) int32 in increasing order with entries
 // past global_count[b] unused; global_count (B,) int32; lse and delta (B, H, N) fp32.
-// Workspaces the caller allocates (sizes from pk_*_workspace_floats below):
-//   forward:  tok (B, N) int32; gpart (B, H, max_global, num_splits, D + 2) fp32
-//   backward: tok (B, N) int32; delta (B, H, N) fp32; and ZEROED fp32 ws_dk_gslot, ws_dv_gslot, ws_dqg_gslot
-//             (B, max_global, H, D) and ws_dpk, ws_dpv (B, P, H, D). The prefix gradients are left in ws_dpk,
-//             ws_dpv (fp32) for the caller to convert.
+// Workspaces the caller allocates (gpart_ws's size from pk_forward_workspace_floats below):
+//   forward:  tok_ws (B, N) int32; gpart_ws (B, H, max_global, num_splits, D + 2) fp32
+//   backward: tok_ws (B, N) int32; delta_ws (B, H, N) fp32; and ZEROED fp32 dk_gslot_ws, dv_gslot_ws,
+//             dqg_gslot_ws (B, max_global, H, D) and dprefix_k_ws, dprefix_v_ws (B, P, H, D). The prefix
+//             gradients are left in dprefix_k_ws, dprefix_v_ws (fp32) for the caller to convert.
+// Fields a direction does not use are ignored. Without global tokens (max_global = 0) the global projections,
+// index and count, and the global gradients and workspaces are ignored; with P = 0 the prefix ones are.
 
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
-#include "longformer_attention.cuh"
-
-namespace pk {
-// Defined in fwd_*.cu / bwd_*.cu: do not instantiate the kernels again here.
-#define PK_EXTERN(T)                                                                  \
-  extern template cudaError_t launch_forward<T, 16>(const Params&, cudaStream_t);     \
-  extern template cudaError_t launch_forward<T, 32>(const Params&, cudaStream_t);     \
-  extern template cudaError_t launch_forward<T, 64>(const Params&, cudaStream_t);     \
-  extern template cudaError_t launch_forward<T, 128>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 16>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 32>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 64>(const Params&, cudaStream_t);    \
-  extern template cudaError_t launch_backward<T, 128>(const Params&, cudaStream_t);
-PK_EXTERN(__half)
-PK_EXTERN(__nv_bfloat16)
-PK_EXTERN(float)
-#undef PK_EXTERN
-}  // namespace pk
+#include "launch.h"
 
 namespace {
 
@@ -57,25 +49,44 @@ int check_cuda(cudaError_t err, const char* where) {
 
 bool head_dim_supported(int d) { return d == 16 || d == 32 || d == 64 || d == 128; }
 
-// Shared argument checks; fills the common fields of `p`.
-int fill_common(pk::Params& p, int dtype, int B, int N, int H, int D, int P, int window, float scale,
-                float dropout_p, unsigned long long seed, const void* q, const void* k, const void* v,
-                const void* qg, const void* kg, const void* vg, const void* pkey, const void* pval,
-                const void* key_padding, const void* global_idx, const void* global_count, int max_global,
-                int global_chunk, int num_splits, void* tok) {
-  if (dtype < pk::DTYPE_FP16 || dtype > pk::DTYPE_FP32) return fail_args("dtype code must be 0, 1 or 2");
+struct FieldInfo {
+  const char* name;
+  int offset;
+  int size;
+};
+
+#define PK_FIELD_INFO(type, name) {#name, static_cast<int>(offsetof(pk_params, name)), static_cast<int>(sizeof(type))},
+constexpr FieldInfo kFields[] = {PK_PARAMS_FIELDS(PK_FIELD_INFO)};
+#undef PK_FIELD_INFO
+constexpr int kFieldCount = static_cast<int>(sizeof(kFields) / sizeof(kFields[0]));
+
+// Checks shared by both directions; fills pk::Params from them. No field past abi_version and struct_size is
+// read when either differs from the library's: the caller's struct may then have another layout.
+int fill_common(pk::Params& p, const pk_params* a) {
+  if (a == nullptr) return fail_args("null params");
+  if (a->abi_version != PK_ABI_VERSION || a->struct_size != sizeof(pk_params)) {
+    char what[160];
+    std::snprintf(what, sizeof(what), "params abi_version %u / struct_size %u, the library expects %d / %zu",
+                  a->abi_version, a->struct_size, PK_ABI_VERSION, sizeof(pk_params));
+    return fail_args(what);
+  }
+  const int B = a->B, N = a->N, H = a->H, D = a->D, P = a->P, window = a->window, max_global = a->max_global;
+  const float scale = a->scale, dropout_p = a->dropout_p;
+  if (a->dtype < pk::DTYPE_FP16 || a->dtype > pk::DTYPE_FP32) return fail_args("dtype code must be 0, 1 or 2");
   if (B <= 0 || N <= 0 || H <= 0) return fail_args("B, N and H must be positive");
   if (!head_dim_supported(D)) return fail_args("head dim must be 16, 32, 64 or 128");
   if (P < 0 || window < 0 || max_global < 0) return fail_args("P, window and max_global must be >= 0");
   if (!(scale > 0.f) || !(dropout_p >= 0.f && dropout_p < 1.f)) return fail_args("scale or dropout_p out of range");
-  if (q == nullptr || k == nullptr || v == nullptr || tok == nullptr) return fail_args("null q, k, v or tok");
-  if (P > 0 && (pkey == nullptr || pval == nullptr)) return fail_args("P > 0 but prefix pointers are null");
+  if (a->q == nullptr || a->k == nullptr || a->v == nullptr || a->tok_ws == nullptr)
+    return fail_args("null q, k, v or tok");
+  if (P > 0 && (a->prefix_k == nullptr || a->prefix_v == nullptr))
+    return fail_args("P > 0 but prefix pointers are null");
   // Global rows need all of: projections, index, count. Without projections there are no global tokens.
-  const bool has_global = max_global > 0 && qg != nullptr && kg != nullptr && vg != nullptr &&
-                          global_idx != nullptr && global_count != nullptr;
+  const bool has_global = max_global > 0 && a->q_global != nullptr && a->k_global != nullptr &&
+                          a->v_global != nullptr && a->global_idx != nullptr && a->global_count != nullptr;
   if (max_global > 0 && !has_global) return fail_args("max_global > 0 needs q/k/v_global, global_idx, global_count");
-  if (has_global && (global_chunk <= 0 || num_splits <= 0 ||
-                     static_cast<long long>(global_chunk) * num_splits < static_cast<long long>(N) + P))
+  if (has_global && (a->global_chunk <= 0 || a->num_splits <= 0 ||
+                     static_cast<long long>(a->global_chunk) * a->num_splits < static_cast<long long>(N) + P))
     return fail_args("global_chunk * num_splits must cover N + P");
   std::memset(&p, 0, sizeof(p));
   p.B = B;
@@ -88,22 +99,22 @@ int fill_common(pk::Params& p, int dtype, int B, int N, int H, int D, int P, int
   p.scale_log2 = scale * 1.4426950408889634f;
   p.dropout_p = dropout_p;
   p.keep_scale = 1.f / (1.f - dropout_p);
-  p.seed = seed;
+  p.seed = a->seed;
   p.max_global = has_global ? max_global : 0;
-  p.global_chunk = has_global ? global_chunk : 1;
-  p.num_splits = has_global ? num_splits : 1;
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.qg = has_global ? qg : nullptr;
-  p.kg = has_global ? kg : nullptr;
-  p.vg = has_global ? vg : nullptr;
-  p.pk = P > 0 ? pkey : nullptr;
-  p.pv = P > 0 ? pval : nullptr;
-  p.key_padding = static_cast<const uint8_t*>(key_padding);
-  p.global_idx = has_global ? static_cast<const int32_t*>(global_idx) : nullptr;
-  p.global_count = has_global ? static_cast<const int32_t*>(global_count) : nullptr;
-  p.tok = static_cast<int32_t*>(tok);
+  p.global_chunk = has_global ? a->global_chunk : 1;
+  p.num_splits = has_global ? a->num_splits : 1;
+  p.q = a->q;
+  p.k = a->k;
+  p.v = a->v;
+  p.qg = has_global ? a->q_global : nullptr;
+  p.kg = has_global ? a->k_global : nullptr;
+  p.vg = has_global ? a->v_global : nullptr;
+  p.pk = P > 0 ? a->prefix_k : nullptr;
+  p.pv = P > 0 ? a->prefix_v : nullptr;
+  p.key_padding = static_cast<const uint8_t*>(a->key_padding_mask);
+  p.global_idx = has_global ? static_cast<const int32_t*>(a->global_idx) : nullptr;
+  p.global_count = has_global ? static_cast<const int32_t*>(a->global_count) : nullptr;
+  p.tok = static_cast<int32_t*>(a->tok_ws);
   const char* simt = std::getenv("PREFIX_KERNELS_CUDA_SIMT");
   p.simt_only = (simt != nullptr && simt[0] != '\0' && simt[0] != '0') ? 1 : 0;
   return PK_OK;
@@ -134,73 +145,67 @@ cudaError_t dispatch(int dtype, const pk::Params& p, cudaStream_t s) {
 
 extern "C" {
 
-// Bumped whenever a signature below changes; the Python loader refuses a library with another version.
-int pk_abi_version(void) { return 1; }
+int pk_abi_version(void) { return PK_ABI_VERSION; }
 
 const char* pk_last_error(void) { return g_last_error; }
 
 int pk_supports_head_dim(int d) { return head_dim_supported(d) ? 1 : 0; }
 
-// Number of fp32 elements of the forward partials workspace `gpart`.
+// Layout of pk_params: its size, and per field (0 <= i < count, in declaration order) its name, byte offset and
+// byte size; name NULL and offset / size -1 for any other i.
+int pk_params_size(void) { return static_cast<int>(sizeof(pk_params)); }
+int pk_params_field_count(void) { return kFieldCount; }
+const char* pk_params_field_name(int i) { return i >= 0 && i < kFieldCount ? kFields[i].name : nullptr; }
+int pk_params_field_offset(int i) { return i >= 0 && i < kFieldCount ? kFields[i].offset : -1; }
+int pk_params_field_size(int i) { return i >= 0 && i < kFieldCount ? kFields[i].size : -1; }
+
+// Number of fp32 elements of the forward partials workspace `gpart_ws`.
 long long pk_forward_workspace_floats(int B, int H, int D, int max_global, int num_splits) {
   return static_cast<long long>(B) * H * max_global * num_splits * (D + 2);
 }
 
-int pk_forward(int dtype, int B, int N, int H, int D, int P, int window, float scale, float dropout_p,
-               unsigned long long seed, const void* q, const void* k, const void* v, const void* q_global,
-               const void* k_global, const void* v_global, const void* prefix_k, const void* prefix_v,
-               const void* key_padding_mask, const void* global_idx, const void* global_count, int max_global,
-               int global_chunk, int num_splits, void* out, float* lse, void* tok_ws, float* gpart_ws,
-               void* stream) {
+int pk_forward(const pk_params* params, void* stream) {
   pk::Params p;
-  int rc = fill_common(p, dtype, B, N, H, D, P, window, scale, dropout_p, seed, q, k, v, q_global, k_global,
-                       v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count, max_global,
-                       global_chunk, num_splits, tok_ws);
+  const int rc = fill_common(p, params);
   if (rc != PK_OK) return rc;
-  if (out == nullptr || lse == nullptr) return fail_args("null out or lse");
-  if (p.max_global > 0 && gpart_ws == nullptr) return fail_args("null gpart workspace");
-  p.out = out;
-  p.lse = lse;
-  p.gpart = gpart_ws;
-  return check_cuda(dispatch<true>(dtype, p, static_cast<cudaStream_t>(stream)), "forward launch");
+  const pk_params& a = *params;
+  if (a.out == nullptr || a.lse == nullptr) return fail_args("null out or lse");
+  if (p.max_global > 0 && a.gpart_ws == nullptr) return fail_args("null gpart workspace");
+  p.out = a.out;
+  p.lse = a.lse;
+  p.gpart = a.gpart_ws;
+  return check_cuda(dispatch<true>(a.dtype, p, static_cast<cudaStream_t>(stream)), "forward launch");
 }
 
-int pk_backward(int dtype, int B, int N, int H, int D, int P, int window, float scale, float dropout_p,
-                unsigned long long seed, const void* q, const void* k, const void* v, const void* q_global,
-                const void* k_global, const void* v_global, const void* prefix_k, const void* prefix_v,
-                const void* key_padding_mask, const void* global_idx, const void* global_count, int max_global,
-                int global_chunk, int num_splits, const void* out, const float* lse, const void* grad_out,
-                void* dq, void* dk, void* dv, void* dq_global, void* dk_global, void* dv_global, void* tok_ws,
-                float* delta_ws, float* ws_dk_gslot, float* ws_dv_gslot, float* ws_dqg_gslot, float* ws_dpk,
-                float* ws_dpv, void* stream) {
+int pk_backward(const pk_params* params, void* stream) {
   pk::Params p;
-  int rc = fill_common(p, dtype, B, N, H, D, P, window, scale, dropout_p, seed, q, k, v, q_global, k_global,
-                       v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count, max_global,
-                       global_chunk, num_splits, tok_ws);
+  const int rc = fill_common(p, params);
   if (rc != PK_OK) return rc;
-  if (out == nullptr || lse == nullptr || grad_out == nullptr || delta_ws == nullptr)
+  const pk_params& a = *params;
+  if (a.out == nullptr || a.lse == nullptr || a.grad_out == nullptr || a.delta_ws == nullptr)
     return fail_args("null out, lse, grad_out or delta workspace");
-  if (dq == nullptr || dk == nullptr || dv == nullptr) return fail_args("null dq, dk or dv");
-  if (P > 0 && (ws_dpk == nullptr || ws_dpv == nullptr)) return fail_args("null prefix gradient workspace");
-  if (p.max_global > 0 && (dq_global == nullptr || dk_global == nullptr || dv_global == nullptr ||
-                           ws_dk_gslot == nullptr || ws_dv_gslot == nullptr || ws_dqg_gslot == nullptr))
+  if (a.dq == nullptr || a.dk == nullptr || a.dv == nullptr) return fail_args("null dq, dk or dv");
+  if (a.P > 0 && (a.dprefix_k_ws == nullptr || a.dprefix_v_ws == nullptr))
+    return fail_args("null prefix gradient workspace");
+  if (p.max_global > 0 && (a.dq_global == nullptr || a.dk_global == nullptr || a.dv_global == nullptr ||
+                           a.dk_gslot_ws == nullptr || a.dv_gslot_ws == nullptr || a.dqg_gslot_ws == nullptr))
     return fail_args("null global gradient or workspace");
-  p.out = const_cast<void*>(out);
-  p.lse = const_cast<float*>(lse);
-  p.dout = grad_out;
-  p.dq = dq;
-  p.dk = dk;
-  p.dv = dv;
-  p.dqg = p.max_global > 0 ? dq_global : nullptr;
-  p.dkg = p.max_global > 0 ? dk_global : nullptr;
-  p.dvg = p.max_global > 0 ? dv_global : nullptr;
-  p.delta = delta_ws;
-  p.ws_dk_gslot = ws_dk_gslot;
-  p.ws_dv_gslot = ws_dv_gslot;
-  p.ws_dqg_gslot = ws_dqg_gslot;
-  p.ws_dpk = ws_dpk;
-  p.ws_dpv = ws_dpv;
-  return check_cuda(dispatch<false>(dtype, p, static_cast<cudaStream_t>(stream)), "backward launch");
+  p.out = a.out;
+  p.lse = a.lse;
+  p.dout = a.grad_out;
+  p.dq = a.dq;
+  p.dk = a.dk;
+  p.dv = a.dv;
+  p.dqg = p.max_global > 0 ? a.dq_global : nullptr;
+  p.dkg = p.max_global > 0 ? a.dk_global : nullptr;
+  p.dvg = p.max_global > 0 ? a.dv_global : nullptr;
+  p.delta = a.delta_ws;
+  p.ws_dk_gslot = a.dk_gslot_ws;
+  p.ws_dv_gslot = a.dv_gslot_ws;
+  p.ws_dqg_gslot = a.dqg_gslot_ws;
+  p.ws_dpk = a.dprefix_k_ws;
+  p.ws_dpv = a.dprefix_v_ws;
+  return check_cuda(dispatch<false>(a.dtype, p, static_cast<cudaStream_t>(stream)), "backward launch");
 }
 
 }  // extern "C"

@@ -1,5 +1,5 @@
-// Backward kernels for __half, head dims 16/32/64/128 (one file per dtype so the build runs in parallel).
-#include "longformer_attention.cuh"
+// Backward kernels for __half, head dims 16/32/64/128 (a file per dtype and direction, built in parallel).
+#include "launch.cuh"
 
 namespace pk {
 PK_INSTANTIATE_BACKWARD(__half)

@@ -1,11 +1,13 @@
 """The CUDA backend: `ctypes` bindings of the torch-free library built from `csrc/` by `pip install .`.
 
 The library (`prefix_kernels/_lib/libprefix_kernels_cuda.so`, or the file named by `PREFIX_KERNELS_CUDA_LIB`)
-exposes `extern "C"` launchers taking raw device pointers and a CUDA stream; see `csrc/api.cu` for the C
-contract and `csrc/longformer_attention.cuh` for the kernel design. This module
+exposes two `extern "C"` launchers, `pk_forward` / `pk_backward`, each taking a pointer to one `pk_params` struct
+(raw device pointers, sizes, scalars; `PkParams` here mirrors it) and a CUDA stream; see `csrc/api.cu` for the C
+contract, `csrc/params.h` for the struct and `csrc/launch.cuh` for the kernel design. This module
 
-* loads it lazily and says why it cannot (`unavailable_reason`, `cannot_serve`: the backend-module interface
-  of `backends/__init__.py`);
+* loads it lazily, refuses a library of another ABI version or whose exported `pk_params` layout differs from
+  `PkParams` (size, and every field's name, offset and size), and says why it cannot be used
+  (`unavailable_reason`, `cannot_serve`: the backend-module interface of `backends/__init__.py`);
 * wraps the two launchers as `forward` / `backward`, the contract the shared custom op in `core/custom_op.py`
   calls: it allocates outputs and fp32 workspaces with torch and runs on `torch.cuda.current_stream()`.
 
@@ -27,7 +29,7 @@ from ..core.poison import poison_
 
 ENV_LIB = "PREFIX_KERNELS_CUDA_LIB"
 LIB_NAME = "libprefix_kernels_cuda.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 # Columns (keys + prefix) per split of the global-row kernels; more splits when there are few global rows.
@@ -36,23 +38,82 @@ _GLOBAL_TARGET_WARPS = 1 << 16
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
-_F = ctypes.c_float
-_U64 = ctypes.c_ulonglong
-_COMMON = [_I, _I, _I, _I, _I, _I, _I, _F, _F, _U64,  # dtype, B, N, H, D, P, window, scale, dropout_p, seed
-           _P, _P, _P, _P, _P, _P, _P, _P,  # q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
-           _P, _P, _P, _I, _I, _I]  # key_padding_mask, global_idx, global_count, max_global, chunk, splits
+_I32 = ctypes.c_int32
+_U32 = ctypes.c_uint32
+
+
+class PkParams(ctypes.Structure):
+    """Mirror of the library's `pk_params` (`csrc/params.h`), the one argument of `pk_forward` / `pk_backward`.
+
+    The loader compares this layout (size, every field's name, offset and size) with the one the library exports
+    and refuses a library that differs."""
+
+    __slots__ = ()  # a misspelt field name raises AttributeError instead of setting an attribute no C code reads
+    _fields_ = [
+        ("abi_version", _U32), ("struct_size", _U32), ("dtype", _I32),
+        ("B", _I32), ("N", _I32), ("H", _I32), ("D", _I32), ("P", _I32), ("window", _I32),
+        ("scale", ctypes.c_float), ("dropout_p", ctypes.c_float),
+        ("max_global", _I32), ("global_chunk", _I32), ("num_splits", _I32), ("seed", ctypes.c_uint64),
+        # inputs
+        ("q", _P), ("k", _P), ("v", _P), ("q_global", _P), ("k_global", _P), ("v_global", _P),
+        ("prefix_k", _P), ("prefix_v", _P), ("key_padding_mask", _P), ("global_idx", _P), ("global_count", _P),
+        # forward: outputs; backward: inputs
+        ("out", _P), ("lse", _P),
+        # backward only
+        ("grad_out", _P), ("dq", _P), ("dk", _P), ("dv", _P), ("dq_global", _P), ("dk_global", _P),
+        ("dv_global", _P),
+        # workspaces: tok_ws both directions, gpart_ws forward, the rest backward
+        ("tok_ws", _P), ("gpart_ws", _P), ("delta_ws", _P), ("dk_gslot_ws", _P), ("dv_gslot_ws", _P),
+        ("dqg_gslot_ws", _P), ("dprefix_k_ws", _P), ("dprefix_v_ws", _P),
+    ]
+
+
 _SIGNATURES = {
     "pk_abi_version": ([], _I),
     "pk_last_error": ([], ctypes.c_char_p),
     "pk_supports_head_dim": ([_I], _I),
+    "pk_params_size": ([], _I),
+    "pk_params_field_count": ([], _I),
+    "pk_params_field_name": ([_I], ctypes.c_char_p),
+    "pk_params_field_offset": ([_I], _I),
+    "pk_params_field_size": ([_I], _I),
     "pk_forward_workspace_floats": ([_I, _I, _I, _I, _I], ctypes.c_longlong),
-    # ... out, lse, tok_ws, gpart_ws, stream
-    "pk_forward": (_COMMON + [_P, _P, _P, _P, _P], _I),
-    # ... out, lse, grad_out, dq, dk, dv, dq_global, dk_global, dv_global, tok, delta,
-    #     ws_dk_gslot, ws_dv_gslot, ws_dqg_gslot, ws_dpk, ws_dpv, stream
-    "pk_backward": (_COMMON + [_P] * 17, _I),
+    "pk_forward": ([ctypes.POINTER(PkParams), _P], _I),  # params, stream
+    "pk_backward": ([ctypes.POINTER(PkParams), _P], _I),
 }
 ENTRY_POINTS = tuple(_SIGNATURES)
+
+
+def new_params(**fields) -> PkParams:
+    """A zeroed `PkParams` with the ABI header set (`abi_version`, `struct_size`) and `fields` assigned."""
+    return PkParams(abi_version=ABI_VERSION, struct_size=ctypes.sizeof(PkParams), **fields)
+
+
+def params_layout(lib: ctypes.CDLL) -> tuple[int, list[tuple[str, int, int]]]:
+    """`(size, [(name, offset, size) per field])` of `pk_params` as the library exports it."""
+    fields = [(lib.pk_params_field_name(i).decode(), lib.pk_params_field_offset(i), lib.pk_params_field_size(i))
+              for i in range(lib.pk_params_field_count())]
+    return lib.pk_params_size(), fields
+
+
+def mirror_layout(struct: type[ctypes.Structure] = PkParams) -> tuple[int, list[tuple[str, int, int]]]:
+    """The same for a `ctypes.Structure`."""
+    return ctypes.sizeof(struct), [(name, getattr(struct, name).offset, getattr(struct, name).size)
+                                   for name, _ in struct._fields_]
+
+
+def layout_mismatch(lib: ctypes.CDLL, struct: type[ctypes.Structure] = PkParams) -> str | None:
+    """Why `struct` does not mirror the library's `pk_params`, or None when size and every field agree."""
+    lib_size, lib_fields = params_layout(lib)
+    size, fields = mirror_layout(struct)
+    if lib_size != size:
+        return f"pk_params is {lib_size} bytes in the library, {size} in {struct.__name__}"
+    for i in range(max(len(lib_fields), len(fields))):
+        theirs = lib_fields[i] if i < len(lib_fields) else None
+        ours = fields[i] if i < len(fields) else None
+        if theirs != ours:
+            return f"pk_params field {i} is (name, offset, size) {theirs} in the library, {ours} in {struct.__name__}"
+    return None
 
 
 def library_path() -> Path:
@@ -75,6 +136,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         return None, f"CUDA library {path} failed to load: {exc}"
+    # the version first: every ABI version exports it, and it names the problem better than a missing symbol
+    try:
+        lib.pk_abi_version.argtypes, lib.pk_abi_version.restype = _SIGNATURES["pk_abi_version"]
+        version = lib.pk_abi_version()
+    except AttributeError:
+        return None, f"CUDA library {path} lacks the entry point pk_abi_version (stale build? reinstall)"
+    if version != ABI_VERSION:
+        return None, f"CUDA library {path} has ABI version {version}, expected {ABI_VERSION} (reinstall)"
     for name, (argtypes, restype) in _SIGNATURES.items():
         try:
             fn = getattr(lib, name)
@@ -82,9 +151,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             return None, f"CUDA library {path} lacks the entry point {name} (stale build? reinstall)"
         fn.argtypes = argtypes
         fn.restype = restype
-    version = lib.pk_abi_version()
-    if version != ABI_VERSION:
-        return None, f"CUDA library {path} has ABI version {version}, expected {ABI_VERSION} (reinstall)"
+    mismatch = layout_mismatch(lib)
+    if mismatch is not None:
+        return None, f"CUDA library {path}: {mismatch} (stale build? reinstall)"
     return lib, None
 
 
@@ -164,9 +233,10 @@ def _global_split(b: int, h: int, n: int, p: int, max_global: int) -> tuple[int,
     return chunk, -(-cols // chunk)
 
 
-def _common_args(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+def _make_params(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
                  global_count, window, scale, dropout_p, seed, max_global):
-    """Normalized tensors (contiguous, kept alive by the caller) and the leading C arguments."""
+    """Normalized tensors (contiguous, kept alive by the caller) and the `PkParams` of a call with the fields both
+    directions share filled in; each launcher then sets its outputs and workspaces."""
     b, n, h, d = q.shape
     if q.dtype not in _DTYPE_CODES:
         raise RuntimeError(f"prefix_kernels CUDA: dtype {q.dtype} not supported")
@@ -176,28 +246,32 @@ def _common_args(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_
     p = 0 if prefix_k is None else prefix_k.shape[1]
     t = {
         "q": _contig(q), "k": _contig(k), "v": _contig(v),
-        "qg": _contig(q_global) if has_global else None,
-        "kg": _contig(k_global) if has_global else None,
-        "vg": _contig(v_global) if has_global else None,
+        "q_global": _contig(q_global) if has_global else None,
+        "k_global": _contig(k_global) if has_global else None,
+        "v_global": _contig(v_global) if has_global else None,
         # an expanded (batch-stride 0) prefix becomes a real copy; autograd sums its gradient back
-        "pk": _contig(prefix_k) if p else None,
-        "pv": _contig(prefix_v) if p else None,
-        "kpm": _contig(key_padding_mask.to(torch.bool)) if key_padding_mask is not None else None,
-        "gidx": _contig(global_idx.to(torch.int32)) if has_global else None,
-        "gcnt": _contig(global_count.to(torch.int32)) if has_global else None,
+        "prefix_k": _contig(prefix_k) if p else None,
+        "prefix_v": _contig(prefix_v) if p else None,
+        "key_padding_mask": _contig(key_padding_mask.to(torch.bool)) if key_padding_mask is not None else None,
+        "global_idx": _contig(global_idx.to(torch.int32)) if has_global else None,
+        "global_count": _contig(global_count.to(torch.int32)) if has_global else None,
     }
-    for name in ("k", "v", "qg", "kg", "vg", "pk", "pv"):
+    for name in ("k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v"):
         if t[name] is not None and t[name].dtype != q.dtype:
             raise RuntimeError(f"prefix_kernels CUDA: {name} has dtype {t[name].dtype}, expected {q.dtype}")
-    if has_global and tuple(t["gidx"].shape) != (b, max_global):
+    if has_global and tuple(t["global_idx"].shape) != (b, max_global):
         raise RuntimeError(f"prefix_kernels CUDA: global_idx must be (B, max_global) = {(b, max_global)}")
     chunk, splits = _global_split(b, h, n, p, max_global)
-    window = min(int(window), n)
-    args = [_DTYPE_CODES[q.dtype], b, n, h, d, p, window, float(scale), float(dropout_p),
-            int(seed) & 0xFFFFFFFFFFFFFFFF,
-            *(_ptr(t[x]) for x in ("q", "k", "v", "qg", "kg", "vg", "pk", "pv", "kpm", "gidx", "gcnt")),
-            max_global, chunk, splits]
-    return t, args, (b, n, h, d, p, max_global, splits)
+    params = new_params(dtype=_DTYPE_CODES[q.dtype], B=b, N=n, H=h, D=d, P=p, window=min(int(window), n),
+                        scale=float(scale), dropout_p=float(dropout_p), max_global=max_global, global_chunk=chunk,
+                        num_splits=splits, seed=int(seed) & 0xFFFFFFFFFFFFFFFF)
+    _set_pointers(params, **t)
+    return t, params, (b, n, h, d, p, max_global, splits)
+
+
+def _set_pointers(params: PkParams, **tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        setattr(params, name, _ptr(tensor))
 
 
 def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
@@ -211,7 +285,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
         lse.fill_(float("inf"))
         return out, lse
     with torch.cuda.device(q.device):
-        t, args, (_, _, _, _, _, max_global, splits) = _common_args(
+        t, params, (_, _, _, _, _, max_global, splits) = _make_params(
             q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
             window, scale, dropout_p, seed, max_global)
         tok = torch.empty(b, n, device=q.device, dtype=torch.int32)
@@ -220,9 +294,9 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
             floats = lib.pk_forward_workspace_floats(b, h, d, max_global, splits)
             gpart = torch.empty(floats, device=q.device, dtype=torch.float32)
         poison_(out, lse)
+        _set_pointers(params, out=out, lse=lse, tok_ws=tok, gpart_ws=gpart)
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        rc = lib.pk_forward(*args, out.data_ptr(), lse.data_ptr(), tok.data_ptr(), _ptr(gpart), stream)
-        _check(rc, lib)
+        _check(lib.pk_forward(ctypes.byref(params), stream), lib)
     return out, lse
 
 
@@ -247,7 +321,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         return (dq, dk, dv, zeros_like_input(q_global), zeros_like_input(k_global), zeros_like_input(v_global),
                 zeros_like_input(prefix_k), zeros_like_input(prefix_v))
     with torch.cuda.device(dev):
-        t, args, (_, _, _, _, p, max_global, _) = _common_args(
+        t, params, (_, _, _, _, p, max_global, _) = _make_params(
             q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
             window, scale, dropout_p, seed, max_global)
         f32 = {"device": dev, "dtype": torch.float32}
@@ -267,13 +341,12 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         lse_c = lse.contiguous()
         poison_(dq, dk, dv, dqg if max_global > 0 else None, dkg if max_global > 0 else None,
                 dvg if max_global > 0 else None)
-        stream = torch.cuda.current_stream(dev).cuda_stream
         launch_dqg, launch_dkg, launch_dvg = (dqg, dkg, dvg) if max_global > 0 else (None, None, None)
-        rc = lib.pk_backward(
-            *args, o.data_ptr(), lse_c.data_ptr(), g_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-            _ptr(launch_dqg), _ptr(launch_dkg), _ptr(launch_dvg), tok.data_ptr(), delta.data_ptr(),
-            *(_ptr(w) for w in ws_g), _ptr(ws_dpk), _ptr(ws_dpv), stream)
-        _check(rc, lib)
+        _set_pointers(params, out=o, lse=lse_c, grad_out=g_out, dq=dq, dk=dk, dv=dv, dq_global=launch_dqg,
+                      dk_global=launch_dkg, dv_global=launch_dvg, tok_ws=tok, delta_ws=delta, dk_gslot_ws=ws_g[0],
+                      dv_gslot_ws=ws_g[1], dqg_gslot_ws=ws_g[2], dprefix_k_ws=ws_dpk, dprefix_v_ws=ws_dpv)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _check(lib.pk_backward(ctypes.byref(params), stream), lib)
     dpk = ws_dpk.to(prefix_k.dtype) if p_in and p else zeros_like_input(prefix_k)
     dpv = ws_dpv.to(prefix_v.dtype) if p_in and p else zeros_like_input(prefix_v)
     if not g_in:

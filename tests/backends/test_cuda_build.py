@@ -1,5 +1,6 @@
-"""The CUDA library without a GPU: it is built, loads with ctypes, exposes its entry points, rejects bad
-arguments with a message, and the package reports the backend as built-but-no-device on a GPU-less machine.
+"""The CUDA library without a GPU: it is built, loads with ctypes, exposes its entry points, exports a `pk_params`
+layout that `cuda_attention.PkParams` mirrors field for field, rejects bad arguments with a message, and the
+package reports the backend as built-but-no-device on a GPU-less machine.
 
 The library comes from the installed package (`pip install .` builds it when nvcc is found). When it is
 missing but nvcc is available, the test builds it for one architecture into a temporary directory (about a
@@ -93,21 +94,75 @@ def test_library_exports_every_entry_point(lib, lib_path):
     assert lib.pk_forward_workspace_floats(2, 3, 64, 5, 7) == 2 * 3 * 5 * 7 * 66
 
 
+def test_params_layout_matches_the_ctypes_mirror(lib):
+    # A field added, removed, reordered or retyped on one side only must fail here, on the CPU, not as a kernel
+    # reading the wrong pointer on a GPU.
+    mirror = cuda_attention.PkParams
+    count = lib.pk_params_field_count()
+    assert lib.pk_params_size() == ctypes.sizeof(mirror)
+    assert count == len(mirror._fields_)
+    for i, (name, ctype) in enumerate(mirror._fields_):
+        assert lib.pk_params_field_name(i).decode() == name, i
+        assert lib.pk_params_field_offset(i) == getattr(mirror, name).offset, name
+        assert lib.pk_params_field_size(i) == ctypes.sizeof(ctype), name
+    assert lib.pk_params_field_name(count) is None and lib.pk_params_field_offset(count) == -1
+    assert lib.pk_params_field_name(-1) is None and lib.pk_params_field_size(-1) == -1
+    assert cuda_attention.layout_mismatch(lib) is None
+
+
+def test_params_reject_unknown_field_names():
+    with pytest.raises(AttributeError):
+        cuda_attention.new_params(dprefix_k=1)
+    params = cuda_attention.new_params()
+    assert params.abi_version == cuda_attention.ABI_VERSION and params.struct_size == ctypes.sizeof(params)
+    with pytest.raises(AttributeError):
+        params.tok = 1
+
+
+def test_loader_refuses_a_params_layout_mismatch(lib):
+    fields = list(cuda_attention.PkParams._fields_)
+    swapped = type("Swapped", (ctypes.Structure,), {"_fields_": [fields[1], fields[0], *fields[2:]]})
+    assert "field 0" in cuda_attention.layout_mismatch(lib, swapped)
+    shorter = type("Shorter", (ctypes.Structure,), {"_fields_": fields[:-1]})
+    assert "bytes" in cuda_attention.layout_mismatch(lib, shorter)
+    renamed = type("Renamed", (ctypes.Structure,), {"_fields_": [*fields[:-1], ("dpv_ws", ctypes.c_void_p)]})
+    assert "dpv_ws" in cuda_attention.layout_mismatch(lib, renamed)
+
+
+def _call(lib, fn, params):
+    return getattr(lib, fn)(ctypes.byref(params), None)
+
+
 def test_bad_arguments_fail_with_a_message_before_touching_the_device(lib):
     # argument checks run before any CUDA call, so this works without a GPU
     p = 1  # any non-null "device pointer": never dereferenced on this path
-    args = [2, 1, 8, 1, 48, 0, 2, 0.125, 0.0, 0] + [p, p, p] + [None] * 8 + [0, 1, 1]
-    rc = lib.pk_forward(*args, p, p, p, None, None)
-    assert rc != 0
+    params = cuda_attention.new_params(dtype=2, B=1, N=8, H=1, D=48, P=0, window=2, scale=0.125, dropout_p=0.0,
+                                       max_global=0, global_chunk=1, num_splits=1, q=p, k=p, v=p, out=p, lse=p,
+                                       tok_ws=p)
+    assert _call(lib, "pk_forward", params) != 0
     assert b"head dim" in lib.pk_last_error()
-    args[4] = 64
-    args[8] = 1.0  # dropout_p must be < 1
-    rc = lib.pk_forward(*args, p, p, p, None, None)
-    assert rc != 0 and b"dropout_p" in lib.pk_last_error()
-    args[8] = 0.0
-    args[21] = 3  # max_global > 0 without global projections / index
-    rc = lib.pk_backward(*args, *([p] * 16), None)
-    assert rc != 0 and b"max_global" in lib.pk_last_error()
+    params.D = 64
+    params.dropout_p = 1.0  # must be < 1
+    assert _call(lib, "pk_forward", params) != 0 and b"dropout_p" in lib.pk_last_error()
+    params.dropout_p = 0.0
+    params.max_global = 3  # max_global > 0 without global projections / index
+    for name in ("grad_out", "dq", "dk", "dv", "delta_ws"):
+        setattr(params, name, p)
+    assert _call(lib, "pk_backward", params) != 0 and b"max_global" in lib.pk_last_error()
+
+
+def test_abi_header_is_checked_before_any_other_field(lib):
+    params = cuda_attention.new_params(D=48)  # would fail the head-dim check, were it read
+    for fn in ("pk_forward", "pk_backward"):
+        params.abi_version = cuda_attention.ABI_VERSION - 1
+        assert _call(lib, fn, params) != 0
+        msg = lib.pk_last_error().decode()
+        assert "abi_version" in msg and "head dim" not in msg
+        params.abi_version = cuda_attention.ABI_VERSION
+        params.struct_size = ctypes.sizeof(params) - 8
+        assert _call(lib, fn, params) != 0 and "struct_size" in lib.pk_last_error().decode()
+        params.struct_size = ctypes.sizeof(params)
+        assert getattr(lib, fn)(None, None) != 0 and b"null params" in lib.pk_last_error()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less report")

@@ -147,12 +147,17 @@ def test_inductor(backend, device):
 def test_reference_backend_runs_between_graphs():
     """The reference backend sizes its tensors by the global count (a host read; inductor cannot lower such
     sizes): under `torch.compile` it runs eagerly between graphs (eager's numbers, forward and backward), and
-    `fullgraph=True` says so instead of tracing it."""
+    `fullgraph=True` either says so instead of tracing it (newer torch) or runs it as an opaque call with eager's
+    numbers (older torch), never something else."""
     model, _ = make("LongformerForSequenceClassification", "propagation", "reference")
     eager = copy.deepcopy(model)
     inputs = inputs_for("LongformerForSequenceClassification")
-    got = forward_backward(model, torch.compile(model, backend="aot_eager"), inputs)
-    assert_same(got, forward_backward(eager, eager, inputs))
+    want = forward_backward(eager, eager, inputs)
+    assert_same(forward_backward(model, torch.compile(model, backend="aot_eager"), inputs), want)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="torch.compiler.disable"):
-        torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)
+    try:
+        got = forward_backward(model, torch.compile(model, fullgraph=True, backend="aot_eager"), inputs)
+    except Exception as exc:  # noqa: BLE001 - dynamo's error types differ across torch versions
+        assert "torch.compiler.disable" in str(exc)
+    else:
+        assert_same(got, want)
