@@ -28,7 +28,7 @@ def test_available_backends_and_explicit_backend_reasons(monkeypatch):
     monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "reference")
     assert select_backend(args, "cuda") == "reference"
     monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "nope")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="PREFIX_KERNELS_BACKEND=.nope. must be one of"):
         select_backend(args, "auto")
 
 
