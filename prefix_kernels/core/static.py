@@ -26,18 +26,6 @@ from .checks import AttentionArgs
 from .reference import masked_softmax
 
 
-def is_exporting() -> bool:
-    """Whether an exporter is tracing: `torch.export` (and ONNX `dynamo=True`, built on it) sets
-    `torch.compiler.is_exporting()`; the legacy TorchScript-based ONNX exporter sets `torch.onnx.is_in_onnx_export()`.
-    """
-    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
-    if exporting is not None and exporting():
-        return True
-    if torch.compiler.is_compiling():  # torch.compile: nothing to ask torch.onnx (and keep it out of the trace)
-        return False
-    return torch.onnx.is_in_onnx_export()
-
-
 def static_attention(a: AttentionArgs) -> torch.Tensor:
     """`longformer_attention` with static shapes and standard ops only: `(B, N, H, D)` in `a.q.dtype`.
 

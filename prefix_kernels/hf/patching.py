@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..attention import check_backend_name
 from ..core.masks import one_forward_pass
-from ..core.static import is_exporting
+from ..core.tracing import is_exporting
 from .self_attention import _FusedSelfAttention, run_build_checks
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]

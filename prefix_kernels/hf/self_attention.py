@@ -26,7 +26,7 @@ from torch.nn.modules import module as module_mod
 from ..attention import local_rows_attention, longformer_attention
 from ..core.global_rows import global_rows_from_hidden, pays
 from ..core.masks import global_index, global_without_padding
-from ..core.static import is_exporting
+from ..core.tracing import is_exporting
 
 # Called with `(config, model_or_None)` when a patched attention module is built (once per model) and when a model
 # is patched: the prefix layer registers its check that a checkpoint's prefix was not dropped.

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..core.static import is_exporting
+from ..core.tracing import is_exporting
 from ..hf.patching import patch_longformer
 from .backbone import _Backbone
 

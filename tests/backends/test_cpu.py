@@ -236,8 +236,8 @@ def test_custom_op_opcheck():
     x, masks, _ = _problem(2, 20, 1, 8, n_global=(0, 2), pad_max=3, prefix=2, batch_prefix=False, seed=4)
     a = check_inputs(**{k: v.float().requires_grad_() for k, v in x.items()}, **masks, window=3)
     for dropout_p, seed in ((0.0, None), (0.2, torch.tensor(2**40, dtype=torch.int64))):
-        args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, a.key_padding_mask,
-                a.is_global, seed, "cpu", a.window, a.softmax_scale, dropout_p)
+        args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, None, None, None,
+                a.key_padding_mask, a.is_global, None, seed, "cpu", a.window, a.softmax_scale, dropout_p)
         torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 
