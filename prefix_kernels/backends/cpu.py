@@ -27,8 +27,9 @@ nothing. A local row always sees at least itself, so no live row is ever fully m
 
 Backward. Each group's scores and softmax are recomputed (every key of a row is in its block, so the softmax is
 one fused pass: cheaper than computing a log-sum-exp in the forward and `exp(s - lse)` here); `dS` comes from
-`torch._softmax_backward_data` in fp32 (fp32 probabilities and `rowsum(P * dP)`, rounded once); the softmax scale
-and the dropout scale are folded into the output gradient, so no pass over the scores multiplies by them.
+`torch._softmax_backward_data` in fp32 (fp32 probabilities, `rowsum(P * dP)` and the softmax scale in fp32, rounded
+once); the dropout scale is folded into the output gradient. In "separate" mode the text and the prefix columns
+each have their own softmax, the prefix part scaled by `prefix_scale[h]` (`_softmax_parts`, `_combined`).
 Band-key gradients are overlap-added (the windows of neighbouring blocks overlap by `2w`) into fp32 buffers;
 global-key and prefix gradients are summed over the blocks in fp32. `lse`, which the contract lets each backend
 define, is unused here: zeros.
@@ -250,21 +251,21 @@ def _combined(parts: list[torch.Tensor], prefix_scale: torch.Tensor | None, dtyp
     return torch.cat([parts[0], parts[1] * prefix_scale.to(parts[1].dtype).view(-1, 1, 1)], dim=-1).to(dtype)
 
 
-def _softmax_grad(dp: torch.Tensor, parts32: list[torch.Tensor], dtype: torch.dtype,
+def _softmax_grad(dp: torch.Tensor, parts32: list[torch.Tensor], dtype: torch.dtype, scale: float,
                   prefix_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`dS = P * (dP - rowsum(P * dP))` from the fp32 probabilities (`_softmax_parts`) and `dP` taken to fp32,
-    rounded to `dtype` once at the end (FlashAttention's order: in 16 bits, rounding `P` first would leave rows of
-    `dS` that do not sum to zero, which biases the gradients of the queries and keys). "Separate": per part, the
-    prefix part scaled by `prefix_scale[h]`; also returns `sum(B * dP)` per head `(H,)` (heads at dim -3), the
-    prefix scale's gradient times the softmax scale that `dP` carries."""
+    """The score gradient `dS = scale * P * (dP - rowsum(P * dP))` from the fp32 probabilities (`_softmax_parts`)
+    and `dP` taken to fp32 (the softmax `scale` applied there, in fp32), rounded to `dtype` once at the end
+    (FlashAttention's order: in 16 bits, rounding `P` or a scaled `dO` first would leave rows of `dS` that do not sum
+    to zero, which biases the gradients of the queries and keys). "Separate": per part, the prefix part scaled by
+    `prefix_scale[h]`; also returns `sum(B * dP)` per head `(H,)` (heads at dim -3), the prefix scale's gradient."""
     dp = dp.float()
     if len(parts32) == 1:
-        return torch._softmax_backward_data(dp, parts32[0], -1, torch.float32).to(dtype), None
+        return torch._softmax_backward_data(dp, parts32[0], -1, torch.float32).mul_(scale).to(dtype), None
     a, bp = parts32
     text = a.shape[-1]
-    ds_text = torch._softmax_backward_data(dp[..., :text], a, -1, torch.float32)
+    ds_text = torch._softmax_backward_data(dp[..., :text], a, -1, torch.float32).mul_(scale)
     ds_prefix = torch._softmax_backward_data(dp[..., text:], bp, -1, torch.float32)
-    ds_prefix = ds_prefix * prefix_scale.view(-1, 1, 1)
+    ds_prefix = ds_prefix * (prefix_scale.view(-1, 1, 1) * scale)
     dscale = (bp * dp[..., text:]).sum(dim=(-1, -2))
     return torch.cat([ds_text, ds_prefix], dim=-1).to(dtype), dscale.reshape(-1, dscale.shape[-1]).sum(0)
 
@@ -352,8 +353,8 @@ def _fold_band(acc: torch.Tensor, part: torch.Tensor, plan: _Plan, j0: int) -> N
         rows[:, :m] += part[:, :, t0 : t0 + m].transpose(1, 2)
 
 
-def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, prefix_scale, grads) -> None:
-    """`go_v`: output gradient for dV (dead rows 0, times `1 / (1 - p)`); `go_s`: the same times `scale`.
+def _local_rows_backward(plan, masks, q, ks, vs, go_v, scale, drop, prefix_scale, grads) -> None:
+    """`go_v`: output gradient (dead rows 0, times `1 / (1 - p)`).
     Fills `grads["dq"]` rows and accumulates into the fp32 buffers `dk_pad, dv_pad, dk_shared, dv_shared` (and,
     "separate", `dscale`)."""
     band = plan.band
@@ -369,10 +370,10 @@ def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, prefix
         gv = _rows_view(go_v, plan, b, j0, j1, rows).transpose(1, 2)
         dvb = torch.matmul(kept.transpose(-1, -2), gv)
         del kept
-        dp = torch.matmul(_rows_view(go_s, plan, b, j0, j1, rows).transpose(1, 2), vb.transpose(-1, -2))
+        dp = torch.matmul(gv, vb.transpose(-1, -2))
         if keep is not None:
             dp.mul_(keep)
-        ds, dscale = _softmax_grad(dp, parts32, probs.dtype, prefix_scale)
+        ds, dscale = _softmax_grad(dp, parts32, probs.dtype, scale, prefix_scale)
         if dscale is not None:
             grads["dscale"] += dscale
         del dp, probs, parts32
@@ -475,16 +476,15 @@ def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, dr
         keep = drop.next(probs.shape) if drop is not None else None
         kept = probs if keep is None else probs * keep
         go_v = go * inv_keep
-        go_s = go * (inv_keep * scale)
         # dK, dV of every key are outer products over the G slots: written straight into the (N, H, D) layout.
         torch.bmm(kept[..., :n].transpose(1, 2), go_v, out=grads["dv_g"][b].transpose(0, 1))
-        dp = torch.bmm(go_s, gr.keys(b, gr.v).transpose(1, 2))
+        dp = torch.bmm(go_v, gr.keys(b, gr.v).transpose(1, 2))
         if gr.prefix_v is not None:
             grads["dv_prefix"][b] += torch.bmm(kept[..., n:].transpose(1, 2), go_v)
-            dp = torch.cat([dp, torch.bmm(go_s, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
+            dp = torch.cat([dp, torch.bmm(go_v, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
         if keep is not None:
             dp.mul_(keep)
-        ds, dscale = _softmax_grad(dp, parts32, probs.dtype, prefix_scale)
+        ds, dscale = _softmax_grad(dp, parts32, probs.dtype, scale, prefix_scale)
         if dscale is not None:
             grads["dscale"] += dscale
         dq = torch.bmm(ds[..., :n], gr.k[b].transpose(0, 1))
@@ -571,7 +571,6 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         inv_keep = 1.0 / (1.0 - dropout_p)
         go = grad_out if masks.dead is None else grad_out.masked_fill(masks.dead[:, :, None, None], 0.0)
         go_v = go * inv_keep if dropout_p > 0 else go
-        go_s = go * (inv_keep * scale)
         grads = {
             "dq": new_output((b, n, h, d), cdt),
             "dk_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
@@ -583,8 +582,8 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
         ks = _local_keys(plan, k, prefix_k, global_idx)
         vs = _local_keys(plan, v, prefix_v, global_idx)
-        _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, prefix_scale, grads)
-        del ks, vs, go_v, go_s
+        _local_rows_backward(plan, masks, q, ks, vs, go_v, scale, drop, prefix_scale, grads)
+        del ks, vs, go_v
         dk = grads["dk_pad"][:, window : window + n]
         dv = grads["dv_pad"][:, window : window + n]
         if g:
@@ -611,8 +610,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
             dq_g, dk_g, dv_g = (torch.zeros(b, n, h, d, dtype=cdt) for _ in range(3))
         dpk = grads["dk_shared"][:, :, g:] if p else None
         dpv = grads["dv_shared"][:, :, g:] if p else None
-    # `dP` carries the softmax scale: the prefix scale's gradient is `sum(B * dP) / scale`.
-    dscale = grads["dscale"].div(scale).to(prefix_scale.dtype) if separate else None
+    dscale = grads["dscale"].to(prefix_scale.dtype) if separate else None
     grads_out = [grads["dq"], dk, dv, dq_g, dk_g, dv_g, *(None if t is None else t.transpose(1, 2)
                                                            for t in (dpk, dpv, dpk_g, dpv_g))]
     return (*(None if t is None else t.to(dtype).contiguous() for t in grads_out), dscale)

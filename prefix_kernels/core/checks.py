@@ -11,8 +11,8 @@
   of the local rows), and the global rows are not computed (output 0, no gradient through them).
 * `prefix_k_global` / `prefix_v_global` (what global rows use as prefix keys/values) are `(B, P, H, D)` like the
   prefix, or `None` when not given: global rows then use `prefix_k` / `prefix_v`.
-* `separate` is `prefix_normalization == "separate"`; `prefix_scale` is then an fp32 `(H,)` tensor (a `()` scale is
-  expanded, differentiably), else `None`.
+* `separate` is `prefix_normalization == "separate"`; `prefix_scale` is then an fp32 `(H,)` tensor (fp64 for fp64
+  inputs; a `()` scale is expanded, differentiably), else `None`.
 * `document_ids` is a `(B, N)` integer tensor or `None`; its runs are contiguous (checked when run eagerly).
 """
 
@@ -194,7 +194,8 @@ def check_inputs(
             raise ValueError(f"prefix_scale must have shape () or (H,) = ({h},), got {tuple(prefix_scale.shape)}")
         if prefix_scale.device != q.device:
             raise ValueError(f"prefix_scale is on {prefix_scale.device}, expected {q.device} (the device of q)")
-        prefix_scale = prefix_scale.float().expand(h)
+        # fp32 (fp64 for fp64 inputs), as every softmax statistic.
+        prefix_scale = prefix_scale.to(torch.float64 if q.dtype == torch.float64 else torch.float32).expand(h)
 
     document_ids = _check_documents(document_ids, pad, b, n, q.device)
 
