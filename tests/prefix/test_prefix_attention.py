@@ -230,3 +230,227 @@ def test_fused_kernels_match_dense_fp64(beside, method, kernel, backend, device)
     tol = 2e-5 if device == "cpu" else 1e-4  # GPU matmuls may use TF32 in the patched model's projections
     check_against_dense("LongformerForSequenceClassification", method, kernel, backend, torch.float32, tol, beside,
                         device=device, head_dim=16 if backend == "cuda" else 8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The scale
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_zero_scale_hides_the_prefix(method, kernel):
+    """With every scale 0 the prefix reaches no user token: perturbing the prefix (and "poly"'s offset) leaves every
+    user row's output bitwise unchanged; with a non-zero scale it changes every one of them."""
+    model = build("LongformerModel")
+    prefix = apply(model, method, kernel)
+    randomize(prefix)
+    inputs = batch("LongformerModel")
+    real = inputs["attention_mask"].bool()
+
+    def rows():
+        with torch.no_grad():
+            return model(**inputs).last_hidden_state
+
+    def perturb():
+        with torch.no_grad():
+            for name, t in prefix.named_parameters():
+                if name != "prefix_scale":
+                    t.add_(torch.randn_like(t))
+
+    with torch.no_grad():
+        prefix.prefix_scale.zero_()
+    before = rows()
+    perturb()
+    assert torch.equal(rows(), before)
+    with torch.no_grad():
+        prefix.prefix_scale.fill_(0.5)
+    before = rows()
+    perturb()
+    changed = (rows() - before).abs().amax(-1)
+    assert (changed[real] > 1e-4).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Options and checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_parameters_and_options(method):
+    model = build("LongformerForSequenceClassification")
+    prefix = apply(model, method, "poly", kernel_scale="head", kernel_scale_init=0.25)
+    assert prefix.prefix_scale.shape == (2, 4) and torch.equal(prefix.prefix_scale, torch.full((2, 4), 0.25))
+    assert prefix.poly_offset.shape == (2,) and torch.equal(prefix.poly_offset, torch.ones(2))
+    assert prefix.prefix_scale.requires_grad and prefix.poly_offset.requires_grad
+    record = model.config.prefix_kernels
+    assert {k: record[k] for k in ("prefix_attention", "kernel", "kernel_scale", "kernel_scale_init")} == {
+        "prefix_attention": "separate", "kernel": "poly", "kernel_scale": "head", "kernel_scale_init": 0.25}
+    scalar = METHODS[method](build("LongformerModel"), num_prefix=P, prefix_attention="separate")
+    assert scalar.kernel == "exp" and scalar.prefix_scale.shape == (2,)
+    assert torch.equal(scalar.prefix_scale, torch.full((2,), 0.005)) and not hasattr(scalar, "poly_offset")
+    rbf = METHODS[method](build("LongformerModel"), num_prefix=P, prefix_attention="separate", kernel="rbf")
+    assert rbf.attention_options()["rbf_length_scale"] == 64.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prefix_attention": "kernel"}, "prefix_attention"),
+    ({"kernel": "rbf"}, "kernel only apply with prefix_attention='separate'"),
+    ({"kernel_scale": "head"}, "kernel_scale only apply"),
+    ({"kernel_scale_init": 0.1}, "kernel_scale_init only apply"),
+    ({"prefix_attention": "separate", "kernel": "cosine"}, "kernel must be one of"),
+    ({"prefix_attention": "separate", "kernel_scale": "vector"}, "kernel_scale must be"),
+    ({"prefix_attention": "separate", "kernel_scale_init": float("nan")}, "kernel_scale_init"),
+    ({"prefix_attention": "separate", "kernel_scale_init": True}, "kernel_scale_init"),
+    ({"prefix_attention": "separate", "rbf_length_scale": 8.0}, "rbf_length_scale applies to kernel='rbf'"),
+    ({"prefix_attention": "separate", "kernel": "rbf", "rbf_length_scale": 0.0}, "rbf_length_scale must be"),
+])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_inconsistent_options_are_named(method, kwargs, match):
+    model = build("LongformerModel")
+    with pytest.raises(ValueError, match=match):
+        METHODS[method](model, num_prefix=P, **kwargs)
+    assert not pk.hf.patching.is_patched(model)  # refused before the model was touched
+
+
+@pytest.mark.parametrize("method, kernel", [("propagation", "rbf"), ("tuning", "poly")])
+def test_save_load_round_trips(tmp_path, method, kernel):
+    """`save_prefix` / `load_prefix` onto a bare model, and `save_pretrained` / `from_pretrained_with_prefix`: the same
+    options, the same parameters, bitwise the same output; a file of other options is refused."""
+    name = "LongformerForSequenceClassification"
+    model = build(name)
+    prefix = apply(model, method, kernel, kernel_scale="head")
+    randomize(prefix)
+    inputs = batch(name)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    path = tmp_path / "prefix.safetensors"
+    pk.save_prefix(model, path)
+    model.save_pretrained(tmp_path / "model")
+    bare = build(name)
+    pk.load_prefix(bare, path, backend="reference")
+    full = pk.from_pretrained_with_prefix(getattr(transformers, name), tmp_path / "model", backend="reference")
+    for rebuilt in (bare, full):
+        got = rebuilt.get_submodule(f"prefix_{method}")
+        assert got.attention_options() == prefix.attention_options()
+        assert [n for n, _ in got.named_parameters()] == [n for n, _ in prefix.named_parameters()]
+        for (n, t), (_, w) in zip(got.named_parameters(), prefix.named_parameters(), strict=True):
+            assert torch.equal(t, w), n
+        with torch.no_grad():
+            assert torch.equal(rebuilt(**inputs).logits, want)
+    other = build(name)
+    METHODS[method](other, num_prefix=P, backend="reference")  # "joint"
+    with pytest.raises(ValueError, match="attention options"):
+        pk.load_prefix(other, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The routes of the patched module
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_output_attentions_and_unpatching_are_refused(method):
+    model = build("LongformerModel")
+    apply(model, method, "exp")
+    with pytest.raises(ValueError, match="output_attentions=True is not supported with prefix_attention='separate'"):
+        model(**batch("LongformerModel"), output_attentions=True)
+    with pytest.raises(ValueError, match="keep it patched"):
+        pk.unpatch_longformer(model)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_direct_global_rows_step_aside(monkeypatch, method):
+    """With few global tokens a joint model computes the global rows from the hidden states; a separate prefix has no
+    place there, so the module takes the global projections (and still matches the dense re-statement, above)."""
+    calls = []
+    direct = fused_module.global_rows_from_hidden
+    monkeypatch.setattr(fused_module, "global_rows_from_hidden", lambda *a, **k: calls.append(1) or direct(*a, **k))
+    for options in ({}, {"prefix_attention": "separate"}):
+        calls.clear()
+        model = build("LongformerModel", head_dim=16)  # D / 2 = 8 globals take the direct path when joint
+        METHODS[method](model, num_prefix=2, backend="reference", **options)
+        with torch.no_grad():
+            model(**batch("LongformerModel"))
+        assert len(calls) == (0 if options else 2), options
+
+
+@pytest.mark.parametrize("backend, method, kernel", [
+    pytest.param("cpu", "propagation", "exp", id="cpu-propagation-exp"),  # the cpu backend's separate softmax
+    pytest.param("triton", "tuning", "poly", id="triton-interpreter-tuning-poly"),  # B beside the Triton op
+])
+def test_torch_compile_fullgraph(backend, method, kernel):
+    """`torch.compile(fullgraph=True)` of a whole model with a separate prefix, forward and backward, against the
+    same model run eagerly on the reference backend."""
+    skip_unless_runs(backend, "cpu")
+    torch._dynamo.reset()
+    name = "LongformerForSequenceClassification"
+    model = build(name, num_hidden_layers=1, attention_window=[16]).train()
+    randomize(apply(model, method, kernel, backend))
+    eager = pk.patch_longformer(copy.deepcopy(model), "reference")
+    inputs = batch(name)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, got_grads = output_and_grads(model, lambda: compiled(**inputs).logits)
+    want, want_grads = output_and_grads(eager, lambda: eager(**inputs).logits)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for n, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[n], atol=1e-5 * max(1.0, want_grads[n].abs().max().item()),
+                                   rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("method, kernel", [("propagation", "exp"), ("tuning", "rbf")])
+def test_torch_export(method, kernel):
+    """`torch.export` of a model with a separate prefix: the export formulation computes the rows without prefix
+    keys (it has no separate prefix of its own) and `B` is added beside it in standard ops, "exp" included; the
+    graph gives eager's numbers for the traced masks and others."""
+    name = "LongformerForSequenceClassification"
+    model = build(name)
+    randomize(apply(model, method, kernel))
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, global_attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              global_attention_mask=global_attention_mask).logits
+
+    x = batch(name)
+    example = (x["input_ids"], x["attention_mask"], x["global_attention_mask"])
+    run = torch.export.export(Logits().eval(), example).module()
+    glob = example[2].clone()
+    glob[0, [2, 7, 30]] = 1
+    with torch.no_grad():
+        for args in (example, (example[0], example[1], glob)):
+            torch.testing.assert_close(run(*args), model(**dict(zip(x, args, strict=True))).logits, atol=1e-5,
+                                       rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# "joint" is unchanged
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_joint_is_what_it_was(method):
+    """`prefix_attention="joint"` (the default): the same parameters, the same config record and nothing new on the
+    attention modules of a propagation model; the same output, bitwise, whether named or not. The prefix tests
+    (`test_prefix.py`) hold "joint" to the authors' formulation; the tree before these options gave bitwise these
+    numbers on every backend."""
+    models = [build("LongformerForSequenceClassification") for _ in range(2)]
+    prefixes = [METHODS[method](models[0], num_prefix=P, backend="reference"),
+                METHODS[method](models[1], num_prefix=P, backend="reference", prefix_attention="joint")]
+    for prefix in prefixes:
+        randomize(prefix)
+        assert prefix.prefix_attention == "joint" and prefix.attention_options() == {}
+        want = {"propagation": ["prefix"], "tuning": ["prefix_key", "prefix_value"]}[method]
+        assert [n for n, _ in prefix.named_parameters()] == want
+    assert set(models[0].config.prefix_kernels) == {"method", "num_prefix", "dropout"} | (
+        {"pool_prefix"} if method == "propagation" else set())
+    if method == "propagation":
+        assert not any(hasattr(m, "_prefix_kernels_prefix") for m in models[0].modules())
+    inputs = batch("LongformerForSequenceClassification")
+    with torch.no_grad():
+        assert torch.equal(models[0](**inputs).logits, models[1](**inputs).logits)
