@@ -399,33 +399,74 @@ def test_torch_compile_fullgraph(backend, method, kernel):
                                    rtol=0, msg=n)
 
 
+class Logits(torch.nn.Module):
+    """`(input_ids, attention_mask, global_attention_mask) -> logits`, plain tensors for the exporters."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, global_attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          global_attention_mask=global_attention_mask).logits
+
+
+def exported_case(method: str, kernel: str):
+    """A classifier with a separate prefix in eval mode, the traced inputs, and the same shapes with more globals."""
+    name = "LongformerForSequenceClassification"
+    model = build(name)
+    randomize(apply(model, method, kernel))
+    x = batch(name)
+    example = (x["input_ids"], x["attention_mask"], x["global_attention_mask"])
+    glob = example[2].clone()
+    glob[0, [2, 7, 30]] = 1
+    return Logits(model).eval(), example, [example, (example[0], example[1], glob)]
+
+
 @pytest.mark.parametrize("method, kernel", [("propagation", "exp"), ("tuning", "rbf")])
 def test_torch_export(method, kernel):
     """`torch.export` of a model with a separate prefix: the export formulation computes the rows without prefix
     keys (it has no separate prefix of its own) and `B` is added beside it in standard ops, "exp" included; the
     graph gives eager's numbers for the traced masks and others."""
-    name = "LongformerForSequenceClassification"
-    model = build(name)
-    randomize(apply(model, method, kernel))
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, global_attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              global_attention_mask=global_attention_mask).logits
-
-    x = batch(name)
-    example = (x["input_ids"], x["attention_mask"], x["global_attention_mask"])
-    run = torch.export.export(Logits().eval(), example).module()
-    glob = example[2].clone()
-    glob[0, [2, 7, 30]] = 1
+    model, example, cases = exported_case(method, kernel)
+    run = torch.export.export(model, example).module()
     with torch.no_grad():
-        for args in (example, (example[0], example[1], glob)):
-            torch.testing.assert_close(run(*args), model(**dict(zip(x, args, strict=True))).logits, atol=1e-5,
-                                       rtol=0)
+        for args in cases:
+            torch.testing.assert_close(run(*args), model(*args), atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter says it is deprecated
+@pytest.mark.parametrize("method, kernel, dynamo", [("propagation", "exp", False), ("tuning", "poly", True)],
+                         ids=["propagation-exp-legacy", "tuning-poly-dynamo"])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, method, kernel, dynamo):
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    model, example, cases = exported_case(method, kernel)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, example, str(path), dynamo=dynamo, input_names=["ids", "mask", "glob"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for args in cases:
+            got = session.run(None, {k: t.numpy() for k, t in zip(("ids", "mask", "glob"), args, strict=True)})[0]
+            torch.testing.assert_close(torch.from_numpy(got), model(*args), atol=1e-5, rtol=0)
+
+
+def test_one_global_index_read_per_forward_pass(monkeypatch):
+    """Prefix-propagation's op runs over the text masks, cut once per mask tensor: a three-layer model reads the
+    global count back twice per forward and backward pass (the whole sequence's, for the compact `query_global`
+    projection, and the text's), not once per layer."""
+    from prefix_kernels.core import masks
+
+    reads = []
+    original = masks.global_positions
+    monkeypatch.setattr(masks, "global_positions", lambda g: reads.append(g.shape) or original(g))
+    model = build("LongformerForSequenceClassification", num_hidden_layers=3, attention_window=[8, 16, 8])
+    apply(model, "propagation", "exp", "cpu")
+    scalar_loss(model(**batch("LongformerForSequenceClassification"))).backward()
+    text, whole = sorted(n for _, n in reads)  # HF's window padding included
+    assert whole == text + P
 
 
 # ------------------------------------------------------------------------------------------------------------
