@@ -112,8 +112,8 @@ def _why_not(name: str, args: AttentionArgs) -> str | None:
     return module.cannot_serve(args)
 
 
-def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
-    """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
+def _choose(args: AttentionArgs, backend: str) -> tuple[str | None, str | None]:
+    """`(name, None)`: the backend that serves `args`; `(None, why)` when the named one, or every one, cannot."""
     forced = os.environ.get(ENV_VAR)
     if forced:
         if forced not in ("auto", *BACKEND_ORDER):
@@ -123,15 +123,29 @@ def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
     if backend != "auto":
         why = _why_not(backend, args)
         if why is not None:
-            raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
-        return backend
+            return None, f"backend {backend!r} cannot serve this call: {why}"
+        return backend, None
     reasons = {}
     for name in BACKEND_ORDER:
         why = _auto_skip_reason(name) or _why_not(name, args)
         if why is None:
-            return name
+            return name, None
         reasons[name] = why
-    raise ValueError(f"no backend can serve this call: {reasons}")
+    return None, f"no backend can serve this call: {reasons}"
+
+
+def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
+    """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
+    name, why = _choose(args, backend)
+    if name is None:
+        raise ValueError(why)
+    return name
+
+
+def serving_backend(args: AttentionArgs, backend: str = "auto") -> str | None:
+    """The backend `select_backend` picks for `args`, or `None` where it would raise (the named backend, or every
+    backend, cannot serve the call). A caller that can compute a feature itself asks before handing it to the op."""
+    return _choose(args, backend)[0]
 
 
 def resolve_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str = "auto") -> str:

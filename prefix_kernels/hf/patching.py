@@ -181,7 +181,8 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
         if not isinstance(module, _FusedSelfAttention):
             continue
         if getattr(module, "_prefix_kernels_prefix", None) is not None:
-            raise ValueError("this model uses prefix-tuning, which HF's attention cannot compute; keep it patched")
+            raise ValueError("this model uses prefix-tuning or a prefix with prefix_attention='separate', which HF's "
+                             "attention cannot compute; keep it patched")
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
     for encoder in model.modules():
