@@ -4,6 +4,8 @@ of `core/custom_op.py`), and the backend-module functions `unavailable_reason`, 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -20,6 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # this to run the GPU tile configurations through the interpreter too.
 SMALL_TILES = INTERPRET
 LOG2E = 1.4426950408889634
+ROW_STRIDE_LIMIT = 2**24  # row strides (elements) from here on overflow the kernels' 32-bit tile offsets
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -79,15 +82,30 @@ _TILES = {
     "ieee": {64: dict.fromkeys((90, 80), ((32, 32, 8, 2), (32, 16, 8, 2))),
              128: dict.fromkeys((90, 80), ((32, 16, 8, 2), (32, 16, 8, 2)))},
 }
+# The largest head dim the tile table serves. Wider heads would need tiles of their own: the D = 128 tiles at
+# BLOCK_D = 256 spill registers in the backward on both architectures and, in fp16 / bf16 on sm_90, need more
+# shared memory per block than the GPU offers (BENCHMARKS.md), so `cannot_serve` refuses them and `auto` moves on.
+MAX_HEAD_DIM = 128
+# Shared memory per block (bytes) that every kernel of a tile row stays within, as the compile check holds them
+# (`tests/backends/test_triton_compile.py`): sm_90's opt-in maximum for the sm_90 row; for the sm_80 row, that of
+# the sm_8x GPUs with the least (sm_86 / sm_89), so every compute capability from 8.0 runs it. A GPU that offers
+# less than its row needs is refused.
+TILE_SHARED_LIMIT = {90: 227 * 1024, 80: 99 * 1024}
+
+
+def _tile_row(arch: int) -> int:
+    """The tile table's arch row for a compute capability x 10: 90 from sm_90 on, else 80."""
+    return 90 if arch >= 90 else 80
 
 
 def _target_arch() -> int:
-    """The compile target's compute capability x 10, as Triton sees it (80 for anything below sm_90)."""
+    """The tile row of the compile target, as Triton sees it (the current device: the launchers make it the
+    inputs' device)."""
     try:
         arch = triton.runtime.driver.active.get_current_target().arch
     except Exception:  # no active GPU driver (e.g. the interpreter)
         return 90
-    return 90 if isinstance(arch, int) and arch >= 90 else 80
+    return _tile_row(arch) if isinstance(arch, int) else 80
 
 
 def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int, dropout: bool) -> dict:
@@ -177,9 +195,24 @@ class _Launch:
         return torch.empty(shape, dtype=torch.float32, device=self.device)
 
 
+def _on_device(device: torch.device):
+    """The device guard around the launches: Triton launches on its current device and that device's current
+    stream, so inputs on another GPU (`cuda:1` under `device_map="auto"`, manual model parallelism) make their
+    device the current one first, as the CUDA backend does. CPU tensors (the interpreter): nothing to do."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
             *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
     """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (log2 domain, `+inf` = no key)."""
+    with _on_device(q.device):
+        return _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                        global_count, window=window, scale=scale, dropout_p=dropout_p, seed=seed,
+                        max_global=max_global)
+
+
+def _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+             *, window, scale, dropout_p, seed, max_global):
     q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = map(
         _unit_d, (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
     has_global = global_idx is not None and max_global > 0
@@ -187,6 +220,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
                 global_rows)
     b, n, h, d, cfg = L.b, L.n, L.h, L.d, L.cfg
+    window = min(window, n)  # the same key sets; a window near 2**31 would overflow the band bounds' int32 sums
     out = new_output((b, n, h, d), q.dtype, L.device)
     lse = new_output((b, h, n), torch.float32, L.device)
     if n == 0:
@@ -218,6 +252,18 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
 def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
              global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
     """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
+    with _on_device(q.device):
+        return _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask,
+                         global_idx, global_count, out, lse, window=window, scale=scale, dropout_p=dropout_p,
+                         seed=seed, max_global=max_global)
+
+
+def _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+              global_count, out, lse, *, window, scale, dropout_p, seed, max_global):
+    if grad_out.stride(-3) >= ROW_STRIDE_LIMIT:
+        # `cannot_serve` checks the inputs' row strides; the output gradient comes from autograd, and its rows too
+        # are addressed with 32-bit tile offsets.
+        grad_out = grad_out.contiguous()
     grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out = map(
         _unit_d, (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out))
     has_global = global_idx is not None and max_global > 0
@@ -225,6 +271,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
                 global_rows)
     b, n, h, d, p, cfg = L.b, L.n, L.h, L.d, L.p, L.cfg
+    window = min(window, n)  # as in the forward
     dq, dk, dv = (new_output((b, n, h, d), q.dtype, L.device) for _ in range(3))
     dq_g = dk_g = dv_g = dpk = dpv = None
     if q_global is not None:
@@ -297,6 +344,35 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int, int]:
+    """`(major, minor, shared memory per block with opt-in, in bytes)` of CUDA device `index`, read once per device
+    (only for calls on CUDA tensors: nothing here runs at import or for CPU tensors)."""
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", None)
+    if shared is None:  # a PyTorch without the field: Triton's driver reads the same attribute
+        shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return props.major, props.minor, int(shared)
+
+
+def _device_reason(device: torch.device, head_dim: int) -> str | None:
+    """Why the compiled kernels cannot run on this GPU, or for this head dim on it: compute capability below 8.0,
+    a head dim above the tile table's, or less shared memory per block than the tiles of its arch use."""
+    major, minor, shared = _device_limits(torch.cuda.current_device() if device.index is None else device.index)
+    gpu = f"{device} (compute capability {major}.{minor}, {shared} bytes of shared memory per block)"
+    if (major, minor) < (8, 0):
+        return f"{gpu}: the Triton tiles target compute capability 8.0 and above (sm_80, sm_90)"
+    if head_dim > MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} > {MAX_HEAD_DIM} on {gpu}: the Triton tiles stop at {MAX_HEAD_DIM} (wider "
+                "heads spill registers in the backward and, in fp16 / bf16 on sm_90, need more shared memory per "
+                "block than the GPU offers)")
+    row = _tile_row(10 * major + minor)
+    if shared < TILE_SHARED_LIMIT[row]:
+        return (f"{gpu}: the Triton tiles for sm_{row} may use up to {TILE_SHARED_LIMIT[row]} bytes of shared "
+                "memory per block")
+    return None
+
+
 def cannot_serve(args) -> str | None:
     if args.dtype == torch.float64:
         return "float64 is served by the reference backend only"
@@ -305,12 +381,15 @@ def cannot_serve(args) -> str | None:
             return f"under TRITON_INTERPRET=1 the Triton backend takes CPU tensors, got {args.device}"
         if args.dtype == torch.bfloat16:
             return "bfloat16 is not computed correctly by the Triton interpreter"
+        if args.shape[3] > MAX_HEAD_DIM:
+            return f"head_dim {args.shape[3]} > {MAX_HEAD_DIM} is not supported (the GPU tiles stop there)"
     elif args.device.type != "cuda":
         return f"needs CUDA tensors, got {args.device}"
-    if args.shape[3] > 256:
-        return f"head_dim {args.shape[3]} > 256 is not supported"
+    else:
+        why = _device_reason(args.device, args.shape[3])
+        if why is not None:
+            return why
     tensors = (args.q, args.k, args.v, args.q_global, args.k_global, args.v_global, args.prefix_k, args.prefix_v)
-    if max(t.stride(-3) for t in tensors if t is not None) >= 2**24:
+    if max(t.stride(-3) for t in tensors if t is not None) >= ROW_STRIDE_LIMIT:
         return "a row stride of 2**24 elements or more overflows the Triton kernels' 32-bit tile offsets"
     return None
-
