@@ -178,7 +178,7 @@ class _Launch:
                            dropout_p > 0)
         self.tables = _token_tables(key_padding_mask, global_idx if has_global else None,
                                     global_count if has_global else None, self.b, self.n, self.device)
-        self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
+        self.dummy = self.scratch(1)
         self.kind, self.special, self.slot = self.tables if self.tables is not None else (self.dummy,) * 3
         self.gidx = global_idx if has_global else self.dummy
         self.gcnt = global_count if has_global else self.dummy
@@ -192,7 +192,9 @@ class _Launch:
         return self.dummy if t is None else t
 
     def scratch(self, *shape):
-        return torch.empty(shape, dtype=torch.float32, device=self.device)
+        """An fp32 work buffer the kernels write before they read it (the placeholder for absent tensors too);
+        NaN-filled when outputs are poisoned (`core/poison.py`), so a read of anything no kernel wrote shows."""
+        return new_output(shape, torch.float32, self.device)
 
 
 def _on_device(device: torch.device):
