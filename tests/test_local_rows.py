@@ -61,6 +61,7 @@ CASES = {
 }
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_local_rows_only_op_matches_dense_reference(backend, device, case):
@@ -170,6 +171,7 @@ def check_triton_local_rows(monkeypatch, t, masks, window, dtype, dropout_p):
     assert (out[masks["is_global"]] == 0).all()
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("small_tiles", [True, False], ids=["interpreter_tiles", "gpu_tiles"])
 def test_local_rows_only_triton_dropout_uses_the_documented_mask(monkeypatch, small_tiles):
     """Under the interpreter, with its own tiles and with a GPU's: fp32, globals, padding, a prefix, p = 0.3."""

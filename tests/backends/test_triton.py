@@ -65,6 +65,7 @@ def case(name: str, device, dtype=torch.float64):
     return make_inputs(**CASES[name], dtype=dtype, device=device)
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("name,window", PARAMS)
 def test_fp32_matches_dense_reference(triton_device, name, window):
     t, masks = case(name, triton_device)
@@ -74,6 +75,7 @@ def test_fp32_matches_dense_reference(triton_device, name, window):
     assert out.shape == t["q"].shape
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("name,window", [("band", 16), ("mixed", 5), ("empty_row", 3)])
 def test_fp16_error_within_twice_pytorch_fp16(triton_device, name, window):
     """Error vs fp64 at most 2x that of the same computation in PyTorch on the fp16 inputs (fp32 softmax, fp16
@@ -118,6 +120,7 @@ print(" ".join(got))
     assert got[5:] in ([], ["tf32", "ieee", "tf32"])  # the newer API exists from PyTorch 2.9
 
 
+@pytest.mark.program_order
 @pytest.mark.skipif(not triton_interpreted(), reason="emulates a GPU's tiles in Triton's interpreter; where CUDA "
                     "is, tests/test_gpu.py runs these tiles compiled")
 @pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
@@ -137,6 +140,7 @@ def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul
     check_against_reference(op("triton"), t, masks, 70, dtype, random_like(t["q"].shape, seed=1))
 
 
+@pytest.mark.program_order
 def test_padding_only_row_is_zero_and_finite_in_fp16(triton_device):
     t, masks = case("empty_row", triton_device)
     go = random_like(t["q"].shape, seed=1, device=triton_device)
@@ -224,6 +228,7 @@ def test_dropout_bits_follow_the_documented_philox_stream(triton_device):
     assert not torch.equal(want[0], want[1])  # heads draw different bits
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("small_tiles", [True, False])
 def test_dropout_output_and_gradients_use_the_documented_mask(triton_device, monkeypatch, small_tiles):
     """Dropout masks rebuilt from the documented counter scheme (key positions `0..N-1`, prefix key `p` at
