@@ -14,14 +14,16 @@
 # shared memory) on one tiny mixed forward + backward per fused backend when the tool is there, the main job, and
 # the short benchmark matrix. The summary file is appended after every step.
 #
-# PK_CHECK_SECONDS (default 525) is the whole run's budget: every step runs under `timeout`, limited to what is
-# left of it, and a step with under 20 seconds left is skipped (said so in the summary). PYTHON picks the
+# PK_CHECK_SECONDS (default 525) is the whole run's budget and PK_TIER1_SECONDS (default 300) tier 1's, both
+# counted from the start: every step runs under `timeout`, limited to what is left of them, and a step with under
+# 20 seconds left is skipped (said so in the summary). PYTHON picks the
 # interpreter (default python3). When `prefix_kernels/_lib/libprefix_kernels_cuda.so` was built beforehand (e.g.
 # elsewhere, for sm_90), PREFIX_KERNELS_BUILD_CUDA=0 installs it as it is instead of compiling again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 budget="${PK_CHECK_SECONDS:-525}"
+tier1="${PK_TIER1_SECONDS:-300}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -32,6 +34,7 @@ summary="$OUT/summary.txt"
 exec 3>&1  # this script's stdout, for notes made while a step's output goes to its log
 
 elapsed() { echo $(($(date +%s) - start)); }
+in_tier1() { local left=$((tier1 - $(elapsed))); echo $((left < $1 ? left : $1)); }  # in_tier1 N: min(N, tier 1's rest)
 note() { echo "$*" | tee -a "$summary" >&3; }
 step() { echo; echo "=== $* ($(date +%T), ${SECONDS}s; $(elapsed) s of $budget)"; }
 
@@ -69,7 +72,7 @@ step environment
 } 2>&1 | tee -a "$summary"
 
 step install
-run install 240 $py -m pip install --no-deps --no-build-isolation -v . >"$OUT/install.log" 2>&1 ||
+run install "$(in_tier1 240)" $py -m pip install --no-deps --no-build-isolation -v . >"$OUT/install.log" 2>&1 ||
   { tail -40 "$OUT/install.log"; note "install failed: stopping"; exit 1; }
 grep -E "prefix_kernels: (built|WARNING)|WARNING: prefix_kernels" "$OUT/install.log" | tail -3 | tee -a "$summary"
 
@@ -78,14 +81,14 @@ grep -E "prefix_kernels: (built|WARNING)|WARNING: prefix_kernels" "$OUT/install.
 export PYTHONSAFEPATH=1
 
 step "GPU tests, first tier: every kernel path once, small shapes, both fused backends"
-run "GPU tests (gpu_short)" 170 $py -m pytest -q -rfEs -p no:cacheprovider -m gpu_short tests ${PK_TEST_ARGS:-} \
+run "GPU tests (gpu_short)" "$(in_tier1 170)" $py -m pytest -q -rfEs -p no:cacheprovider -m gpu_short tests ${PK_TEST_ARGS:-} \
   >"$OUT/gpu_tests_short.log" 2>&1
 tail -30 "$OUT/gpu_tests_short.log"
 pytest_summary "$OUT/gpu_tests_short.log"
 
 step "headline timing: the op against FlexAttention, the module against HF"
 PK_BENCH_N=16384 PK_BENCH_LEVELS=op,module PK_BENCH_PROVIDERS=triton,cuda,flex,hf PYTHON=$py \
-  run "headline benchmark" 150 bash benchmarks/gpu_bench.sh "$OUT/headline.json" -k "G17-P0" >"$OUT/headline.log" 2>&1
+  run "headline benchmark" "$(in_tier1 150)" bash benchmarks/gpu_bench.sh "$OUT/headline.json" -k "G17-P0" >"$OUT/headline.log" 2>&1
 if [[ -s "$OUT/headline.md" ]]; then cat "$OUT/headline.md" | tee -a "$summary"; else tail -20 "$OUT/headline.log"; fi
 
 step "tier 1 summary"

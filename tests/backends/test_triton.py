@@ -123,20 +123,28 @@ print(" ".join(got))
 @pytest.mark.program_order
 @pytest.mark.skipif(not triton_interpreted(), reason="emulates a GPU's tiles in Triton's interpreter; where CUDA "
                     "is, tests/test_gpu.py runs these tiles compiled")
-@pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
-                                                 (torch.float32, "high", 128, 530), (torch.float16, "highest", 32, 530),
-                                                 (torch.float16, "highest", 32, 512)])
-def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d, n):
+@pytest.mark.parametrize("dtype,precision,d,n,step", [(torch.float32, "highest", 32, 530, 27),
+                                                      (torch.float32, "high", 32, 530, 27),
+                                                      (torch.float32, "high", 128, 530, 27),
+                                                      (torch.float16, "highest", 32, 530, 27),
+                                                      (torch.float16, "highest", 32, 512, 27),
+                                                      (torch.float16, "highest", 32, 512, 7)])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d, n,
+                                                        step):
     """The tiles an sm_90 GPU uses (fp32 IEEE: 32 x 32, backward 32 x 16, 8 warps; fp32 TF32: 64 x 64 (64 x 32 at
     D = 128), backward 32 x 32; fp16 / bf16: 64 x 64, backward 64 x 64 when N is a multiple of 64, else 32 x 64;
     key chunks of 512) through the interpreter (which computes TF32 dots in full fp32, hence the IEEE fp32 bound
-    for both fp32 settings): several query tiles, band tiles inside and across the band's edge, 20 globals (more
-    than one global tile of 16), one or two key chunks, a prefix, padding."""
+    for both fp32 settings): several query tiles, band tiles inside and across the band's edge, 20 globals in row
+    1 (a 32-slot global block) or, with `step` 7, 73 (more than 64: the forward's 64-slot blocks and the
+    backward's 32-query blocks), one or two key chunks, a prefix, padding."""
     monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
     fp32_matmul_precision(precision)
     t, masks = make_inputs(2, n, 1, d, dtype=torch.float64, prefix=2,
-                           n_global={0: [0, 100, 101, n - 1], 1: list(range(3, n, 27))},
+                           n_global={0: [0, 100, 101, n - 1], 1: list(range(3, n, step))},
                            pad={1: list(range(n - 30, n))})
+    if step == 7:
+        cfg = triton_attention._config(d, n, int(masks["is_global"].sum(1).max()), "tf32", 2, False)
+        assert (cfg["BLOCK_G"], cfg["BWD_G"]) == (64, 32)
     check_against_reference(op("triton"), t, masks, 70, dtype, random_like(t["q"].shape, seed=1))
 
 

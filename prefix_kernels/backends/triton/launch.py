@@ -108,27 +108,46 @@ def _target_arch() -> int:
     return _tile_row(arch) if isinstance(arch, int) else 80
 
 
+# Triton before 3.7 (3.6 is the GPU machine's) allocates the one-pass backward's registers with less room: with
+# all of the kernel's loops software-pipelined, some specializations spill inside a tile loop (the global rows' key
+# loop in fp16 / bf16 on sm_90 at D <= 64, the shared keys' query loop and the band loop in TF32) or keep a stack
+# outside them. For those only the band loop (the hot one, `NUM_STAGES`) is pipelined and the kernel's other loops
+# are not, which removes the spills and shortens the loops' SASS. Not where it lengthens them instead: fp16 / bf16
+# on sm_80 and at D = 128, the 32-row query tiles of a ragged N, and newer Triton, which keeps every loop
+# pipelined. BENCHMARKS.md has the counts.
+_PIPELINE_BAND_LOOP_ONLY = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < (3, 7)
+
+
 def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int, dropout: bool) -> dict:
+    """Tiles and flags of one call. `BLOCK_G`: global tokens per block, for the forward and the finalize kernel;
+    `BWD_G`: the same for the backward kernel. `bwd_stages`: the backward's band loop pipelining depth;
+    `bwd_kernel_stages`: its other loops'."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = min(64, max(16, triton.next_power_of_2(max(num_global, 1))))
     if SMALL_TILES:
         # Small, unequal tiles: cheap on the CPU and they make short test sequences cross many tile edges.
-        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
-                    num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1)
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_G=16, BWD_M=16, BWD_N=32, CHUNK=32,
+                    Q_CHUNK=32, num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1, bwd_kernel_stages=1)
     precision = "ieee" if dot_prec == "ieee" else "tf32" if dtype_bytes == 4 else "16bit"
     arch = _target_arch()
     (bm, bn, warps, stages), (bwd_m, bwd_n, bwd_warps, bwd_stages) = _TILES[precision][
         64 if block_d <= 64 else 128][arch]
+    ragged_tiles = False
     if precision == "16bit" and dropout:
-        # The dropout bits push the backward past 255 registers (72-192 bytes of spill with the table's query
-        # tiles): half the rows fit.
+        # The dropout bits push the backward past 255 registers with the table's query tiles: half the rows fit.
         bwd_m //= 2
-    elif precision == "16bit" and n % bwd_m:
-        # So do the row-masked loads of a ragged N with 64-row query tiles (40-56 bytes of spill in fp16).
-        bwd_m = 32
+    elif precision == "16bit" and n % bwd_m and bwd_m > 32:
+        # So do the row-masked loads of a ragged N with 64-row query tiles in fp16.
+        bwd_m, ragged_tiles = 32, True
+    # More than 64 global tokens: the backward loops over blocks of global queries inside its key loop, and
+    # 64-query blocks spill there on sm_80; 32-query blocks do not (and pad 65-96 globals less).
+    bwd_g = 32 if num_global > 64 else block_g
+    band_loop_only = precision != "16bit" or (arch == 90 and block_d <= 64 and not ragged_tiles)
+    bwd_kernel_stages = 1 if _PIPELINE_BAND_LOOP_ONLY and band_loop_only else bwd_stages
     chunk = 1024 if n > 4096 else 512
-    return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=block_g, BWD_M=bwd_m, BWD_N=bwd_n, CHUNK=chunk,
-                Q_CHUNK=chunk, num_warps=warps, num_stages=stages, bwd_warps=bwd_warps, bwd_stages=bwd_stages)
+    return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=block_g, BWD_G=bwd_g, BWD_M=bwd_m, BWD_N=bwd_n,
+                CHUNK=chunk, Q_CHUNK=chunk, num_warps=warps, num_stages=stages, bwd_warps=bwd_warps,
+                bwd_stages=bwd_stages, bwd_kernel_stages=bwd_kernel_stages)
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -318,9 +337,9 @@ def _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_
         *_strides(dk_g), *_strides(dv_g),
         n, h, p, n_pad, L.gstride, L.g_pad, window, cfg["CHUNK"], num_splits, cfg["Q_CHUNK"], num_chunks,
         n_prefix_slots, n_global_progs, n_shared_progs, scale * LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p),
-        seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["bwd_stages"],
-        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BLOCK_G"], num_warps=cfg["bwd_warps"],
-        num_stages=cfg["bwd_stages"], **L.flags)
+        seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BWD_G"], NUM_STAGES=cfg["bwd_stages"],
+        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BWD_G"], num_warps=cfg["bwd_warps"],
+        num_stages=cfg["bwd_kernel_stages"], **L.flags)
 
     fin_m = 64
     n_row_tiles = triton.cdiv(n, fin_m)
