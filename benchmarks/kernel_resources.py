@@ -35,9 +35,12 @@ row records the version.
 
 Run it in its own process: it replaces Triton's active driver with one that only names the target.
 
-Exit status: 0 when every kernel compiled, 1 when one did not, 2 for a usage error (argparse), and
-`EXIT_CANNOT_COMPILE` (77) when this machine cannot compile for a GPU (Triton's NVIDIA tools are missing): the
-one status a caller may treat as "nothing to check here".
+A head dim the backend refuses on a GPU of the arch (`cannot_serve`, as on a GPU with all the shared memory its
+tile row may use: above 128 today) is not compiled: its row names no kernel and gives the reason.
+
+Exit status: 0 when every kernel compiled (or every head dim asked for was refused), 1 when one did not, 2 for
+a usage error (argparse), and `EXIT_CANNOT_COMPILE` (77) when this machine cannot compile for a GPU (Triton's
+NVIDIA tools are missing): the one status a caller may treat as "nothing to check here".
 """
 
 from __future__ import annotations
@@ -277,11 +280,23 @@ def _problem(dtype: torch.dtype, head_dim: int, n: int, num_global: int = 3, num
             dict(window=window, scale=head_dim**-0.5, max_global=num_global))
 
 
+def refusal(arch: int, head_dim: int) -> str | None:
+    """Why the Triton backend's `cannot_serve` refuses head dim `head_dim` on a GPU of compute capability
+    `arch / 10` with all the shared memory per block its tile row may use (None: it serves it). The launchers
+    themselves compile whatever they are given: this is where a head dim without tiles of its own is refused."""
+    limits = ta._device_limits
+    ta._device_limits = lambda index: (arch // 10, arch % 10, ta.TILE_SHARED_LIMIT[ta._tile_row(arch)])
+    try:
+        return ta._device_reason(torch.device("cuda", 0), head_dim)
+    finally:
+        ta._device_limits = limits
+
+
 def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True, lengths=(320,), num_global: int = 3,
                 num_prefix: int = 4, window: int = 40) -> list[dict]:
     """One row per compiled kernel specialization: config, kernel name, registers, stack, shared bytes and (with
     `sass`) its loops' SASS instructions per tile and the local-memory (spill) accesses of the kernel and of each
-    loop."""
+    loop; one row with `kernel` None and the reason in `refused` per (dtype, head dim, N) that `refusal` refuses."""
     compiled: list = []
     run = JITFunction.run
 
@@ -296,6 +311,12 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
     rows = []
     try:
         for dtype, d, n in itertools.product(dtypes, head_dims, lengths):
+            why = refusal(arch, d)
+            if why is not None:  # what `cannot_serve` says on a GPU of this arch: nothing of it is compiled
+                rows.append(dict(arch=f"sm_{arch}", dtype=str(dtype).removeprefix("torch."), head_dim=d, n=n,
+                                 dropout=dropout_p > 0, globals=num_global, prefix=num_prefix, kernel=None,
+                                 refused=why, triton=triton.__version__))
+                continue
             for local in (False, True):
                 inputs, kw = _problem(dtype, d, n, num_global, num_prefix, window)
                 if local:  # local rows only: a global index without the global projections
@@ -339,6 +360,9 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         cfg = _label(r)
+        if r["kernel"] is None:
+            lines.append(f"{cfg:<46} refused: {r['refused']}")
+            continue
         lines.append(f"{cfg:<46} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
                      f"{r['stack']:>6} {r['shared']:>7} {r.get('spill_ops', ''):>9}")
     if any(r.get("loops") for r in rows):
@@ -383,8 +407,9 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))
-    missing = set(KERNELS) - {r["kernel"] for r in rows}
-    if missing:
+    served = {r["kernel"] for r in rows if r["kernel"] is not None}  # none: every head dim refused
+    missing = set(KERNELS) - served
+    if served and missing:
         print(f"not compiled: {sorted(missing)}", file=sys.stderr)
         return 1
     return 0
