@@ -63,7 +63,9 @@ CONFIGS = {
 
 # Spill stacks (bytes) accepted outside the band loops, per Triton version (major.minor): (config id, kernel, N,
 # local rows only) -> stack. A kernel not named here keeps none; a named one keeps exactly this much (a change
-# shows). All in the backward kernel.
+# shows). All in the backward kernel. Under Triton 3.6 the sm_80 dropout backward with more than 64 globals keeps
+# 64 bytes (its tile loops none): 16-query global blocks leave 8 bytes but cost more per global query, and leaving
+# its non-band loops unpipelined leaves 24 bytes and lengthens the band loop (BENCHMARKS.md).
 BWD = "_attention_bwd_kernel"
 ACCEPTED_STACK: dict[str, dict[tuple[str, str, int, bool], int]] = {
     "3.8": {("headline-sm90", BWD, 1088, False): 72, ("headline-dropout-sm90", BWD, 1000, False): 24,
@@ -72,16 +74,14 @@ ACCEPTED_STACK: dict[str, dict[tuple[str, str, int, bool], int]] = {
     "3.6": {("headline-sm80", BWD, 1088, False): 16, ("headline-sm80", BWD, 1088, True): 16,
             ("headline-sm80", BWD, 1000, False): 104, ("headline-sm80", BWD, 1000, True): 104,
             ("globals70-sm80", BWD, 1088, False): 16, ("globals70-sm80", BWD, 1088, True): 16,
+            ("globals70-dropout-sm80", BWD, 1000, False): 64, ("globals70-dropout-sm80", BWD, 1000, True): 8,
             ("d128-dropout-sm90", BWD, 1000, False): 24, ("d128-dropout-sm90", BWD, 1000, True): 40,
             ("tf32-d128-sm80", BWD, 300, False): 88, ("tf32-d128-sm80", BWD, 300, True): 88},
 }
 # Spill accesses accepted inside a tile loop, per Triton version: (config id, kernel, N, local rows only, loop
-# function) -> accesses per tile. Never in a band loop (`_local_rows_fwd`, `_band_keys_bwd`: the hot ones). Under
-# Triton 3.6 the D = 128 dropout backward reloads one spilled value per tile of the global rows' key loop (about
-# 1100 instructions); removing it by pipelining the band loop alone costs 5-10 % more instructions in every loop.
-ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {
-    "3.6": {("d128-dropout-sm90", BWD, 1000, False, "_global_rows_bwd_split"): 1},
-}
+# function) -> accesses per tile. Never in a band loop (`_local_rows_fwd`, `_band_keys_bwd`: the hot ones). None
+# at present, under either Triton: every spill above sits outside the tile loops.
+ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {}
 HOT_LOOPS = ("_local_rows_fwd:", "_band_keys_bwd:")
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
