@@ -79,9 +79,13 @@ ACCEPTED_STACK: dict[str, dict[tuple[str, str, int, bool], int]] = {
             ("tf32-d128-sm80", BWD, 300, False): 88, ("tf32-d128-sm80", BWD, 300, True): 88},
 }
 # Spill accesses accepted inside a tile loop, per Triton version: (config id, kernel, N, local rows only, loop
-# function) -> accesses per tile. Never in a band loop (`_local_rows_fwd`, `_band_keys_bwd`: the hot ones). None
-# at present, under either Triton: every spill above sits outside the tile loops.
-ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {}
+# function) -> the most accesses per tile in any loop of that function (each exactly this many or none; the most
+# must be reached, so a change shows). Never in a band loop (`_local_rows_fwd`, `_band_keys_bwd`: the hot ones).
+# Under Triton 3.6 the D = 128 dropout backward reloads one spilled value per tile in one of the global rows' two
+# key loops.
+ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {
+    "3.6": {("d128-dropout-sm90", BWD, 1000, False, "_global_rows_bwd_split"): 1},
+}
 HOT_LOOPS = ("_local_rows_fwd:", "_band_keys_bwd:")
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -159,13 +163,19 @@ def test_triton_kernels_compile(tmp_path, config):
         where = f"Triton {version}, {key}"
         if row["stack"] != accepted.get(key, 0):
             spills.append(f"{where}: {row['stack']} bytes of spill stack, accepted {accepted.get(key, 0)}")
+        most = {}  # loop function -> the most spill accesses per tile in its loops
         for loop in row["loops"]:
             assert 0 < loop["interior"] <= loop["edge"], (row["kernel"], loop)
             function = loop["loop"].split(":")[0]
+            most[function] = max(most.get(function, 0), loop["spill_ops"])
             allowed = 0 if loop["loop"].startswith(HOT_LOOPS) else accepted_loops.get((*key, function), 0)
-            if loop["spill_ops"] != allowed:
+            if loop["spill_ops"] not in (0, allowed):
                 spills.append(f"{where}: {loop['spill_ops']} spill accesses per tile in {loop['loop']} "
                               f"({loop['code']}), accepted {allowed}")
+        for (*accepted_key, function), allowed in accepted_loops.items():
+            if tuple(accepted_key) == key and most.get(function, 0) != allowed:
+                spills.append(f"{where}: at most {most.get(function, 0)} spill accesses per tile in the loops of "
+                              f"{function}, accepted {allowed}")
     assert not spills, "\n".join(spills)
     # Every tile loop of the main kernels was found in the SASS and named after its Python loop.
     by_kernel = {(row["kernel"], row["n"], row["local"]): {lp["loop"].split(" ")[0] for lp in row["loops"]}
