@@ -36,6 +36,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not abs(value) < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
 def device_arg(text: str) -> torch.device:
     """A device this machine has: `cpu`, `cuda` or `cuda:N` (checked here, not by a traceback later)."""
     try:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..attention import BACKEND_ORDER, available_backends, resolve_backend
-from .args import HelpFormatter, default_device, device_arg, positive_float, positive_int
+from .args import HelpFormatter, default_device, device_arg, finite_float, positive_float, positive_int
 from .memory import peak_memory
 
 BOS, PAD, EOS = 0, 1, 2
@@ -190,6 +190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernel-scale", choices=("scalar", "head"), default=None,
                         help="one scale per layer, or per layer and head (--prefix-attention separate; default "
                              "scalar)")
+    parser.add_argument("--kernel-scale-init", type=finite_float, default=None,
+                        help="the scales' starting value (--prefix-attention separate; default 0.005, the authors' "
+                             "run)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per document (at least 12)")
     parser.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (at least 2)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="documents per step")
@@ -214,7 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.vocab <= FILLER:
         parser.error(f"--vocab must be at least {FILLER + 1} ({FILLER} special tokens and a filler), got {args.vocab}")
     if args.prefix_attention == "joint":
-        given = [f"--{name.replace('_', '-')}" for name in ("kernel", "kernel_scale") if getattr(args, name)]
+        given = [f"--{name.replace('_', '-')}" for name in ("kernel", "kernel_scale", "kernel_scale_init")
+                 if getattr(args, name) is not None]
         if given:
             parser.error(f"{', '.join(given)} only apply with --prefix-attention separate")
     if args.backend != "auto":
@@ -227,6 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from ..hf.patching import unpatch_longformer
     from ..prefix import apply_prefix_propagation, apply_prefix_tuning
+    from ..prefix.base import SEPARATE_DEFAULTS
 
     args = parse_args(argv)
     device = args.device
@@ -247,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"pool_prefix": True} if args.method == "propagation" else {}
     attention = ""
     if args.prefix_attention == "separate":
-        extra.update(prefix_attention="separate", kernel=args.kernel, kernel_scale=args.kernel_scale)
+        extra.update(prefix_attention="separate", kernel=args.kernel, kernel_scale=args.kernel_scale,
+                     kernel_scale_init=args.kernel_scale_init)
         kernel, scale = args.kernel or "exp", args.kernel_scale or "scalar"
-        attention = f" (prefix attention separate, kernel {kernel}, scale {scale})"
+        init = SEPARATE_DEFAULTS["kernel_scale_init"] if args.kernel_scale_init is None else args.kernel_scale_init
+        attention = f" (prefix attention separate, kernel {kernel}, scale {scale} from {init:g})"
     print(
         f"prefix-{args.method}{attention}, P={args.num_prefix}, {type(base).__name__} "
         f"({sum(p.numel() for p in base.parameters()):,} parameters, frozen), seq len {args.seq_len}, "

@@ -37,19 +37,31 @@ def test_demo_runs(method, capsys):
     assert ("HF attention" in out) == (method == "propagation")
 
 
-def test_demo_with_a_separate_prefix(capsys):
+def test_demo_with_a_separate_prefix(monkeypatch, capsys):
     """`--prefix-attention separate --kernel poly`: one run (HF's attention cannot compute it), with its accuracy
-    and calibration error; a kernel without a separate prefix is an argument error."""
+    and calibration error; a kernel or a scale without a separate prefix, or a scale that is no finite number, is an
+    argument error."""
+    starts = []
+    train_run = demo.train_run
+    monkeypatch.setattr(demo, "train_run", lambda label, model, *a: starts.append(
+        model.prefix_propagation.prefix_scale.detach().clone()) or train_run(label, model, *a))
     assert demo.main([*TINY, "--prefix-attention", "separate", "--kernel", "poly", "--kernel-scale", "head",
-                      "--backend", "reference"]) == 0
+                      "--kernel-scale-init", "0.25", "--backend", "reference"]) == 0
     out = capsys.readouterr().out
-    assert "prefix attention separate, kernel poly, scale head" in out and "no HF run" in out
+    assert "prefix attention separate, kernel poly, scale head from 0.25" in out and "no HF run" in out
+    assert len(starts) == 1 and torch.equal(starts[0], torch.full((2, 4), 0.25))  # 2 layers, 4 heads
     row = next(line for line in out.splitlines() if line.startswith("prefix_kernels (reference)"))
     acc_before, acc_after, ece = row.split()[2:5]
     assert acc_after.endswith("%") and 0.0 <= float(ece) <= 1.0
     with pytest.raises(SystemExit):
         demo.parse_args(["--kernel", "rbf"])
     assert "--kernel only apply with --prefix-attention separate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--kernel-scale-init", "0.1"])
+    assert "--kernel-scale-init only apply with --prefix-attention separate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--prefix-attention", "separate", "--kernel-scale-init", "nan"])
+    assert "--kernel-scale-init: must be a finite number, got nan" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("classes", [2, 3])
