@@ -177,11 +177,11 @@ def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, document_ids
     col_bias = torch.zeros(b, plan.num_blocks, plan.cols, dtype=dtype).masked_fill_(~col_ok, neg)
     masks = _Masks(band_bias, col_bias, dead, global_rows, global_valid)
     if document_ids is not None:
-        _document_masks(plan, masks, document_ids.long(), col_ok[..., : plan.text], global_idx)
+        _document_masks(plan, masks, document_ids.long(), col_ok[..., : plan.text], global_idx, dtype)
     return masks
 
 
-def _document_masks(plan: _Plan, masks: _Masks, doc: torch.Tensor, col_ok: torch.Tensor, global_idx) -> None:
+def _document_masks(plan: _Plan, masks: _Masks, doc: torch.Tensor, col_ok: torch.Tensor, global_idx, dtype) -> None:
     """Fills the document fields of `masks` from `doc (B, N)` ids; `col_ok (B, nb, L + G)`: the columns the other
     masks keep."""
     b, n, c, w, g = plan.batch, plan.n, plan.block, plan.window, plan.num_global
@@ -196,9 +196,19 @@ def _document_masks(plan: _Plan, masks: _Masks, doc: torch.Tensor, col_ok: torch
     live = torch.zeros(b, plan.num_blocks * c, dtype=torch.bool)
     live[:, :n] = True if masks.dead is None else ~masks.dead
     rows, live = rows.view(b, plan.num_blocks, c), live.view(b, plan.num_blocks, c)
+    # A block whose live rows are all in one document sees the columns of that document: a column mask, folded into
+    # `col_bias`, so such blocks (every block of a row holding one document, and the interior blocks of a packed
+    # one, which still see the other documents' global keys) cost what they cost without documents.
+    far = torch.iinfo(torch.long).max
+    any_live = live.any(-1)
+    lo = rows.masked_fill(~live, far).amin(-1)
+    hi = rows.masked_fill(~live, -far).amax(-1)
+    one_doc = ~any_live | (lo == hi)
+    other_doc = one_doc[..., None] & any_live[..., None] & (cols != hi[..., None]) & col_ok
+    masks.col_bias[..., : plan.text].masked_fill_(other_doc, masks.col_bias.new_tensor(torch.finfo(dtype).min / 4))
     ok = (rows[..., None] == cols[:, :, None, :]) | ~live[..., None] | ~col_ok[:, :, None, :]
     masks.doc_ok = ok
-    masks.doc_blocks = ~ok.flatten(2).all(-1)
+    masks.doc_blocks = ~one_doc & ~ok.flatten(2).all(-1)
     if g:
         masks.global_doc_ok = doc.gather(1, global_idx.long())[:, :, None] == doc[:, None, :]
 
