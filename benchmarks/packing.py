@@ -181,9 +181,9 @@ def main() -> None:
         return
     results = {}
     for kind in ("packed", "padded", "grouped"):
-        cmd = [sys.executable, __file__, "--one", kind] + [a for a in sys.argv[1:] if not a.startswith("--json")]
-        if "--json" in sys.argv:
-            cmd = [c for i, c in enumerate(cmd) if not (i > 0 and cmd[i - 1] == "--json") and c != "--json"]
+        argv = sys.argv[1:]
+        keep = [a for i, a in enumerate(argv) if a != "--json" and not (i and argv[i - 1] == "--json")]
+        cmd = [sys.executable, __file__, "--one", kind, *keep]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[kind]
