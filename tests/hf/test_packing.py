@@ -277,3 +277,18 @@ def test_flattening_collator_with_an_offset():
         alone = model(**_alone(doc)).last_hidden_state[0]
         assert_close_scaled(out[0, start : start + len(doc)], alone, 1e-10)
         start += len(doc)
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_traced_packed_rows_keep_documents_apart(how):
+    """The ids are tensor ops (no host read): `torch.compile(fullgraph=True)` (dynamo, eager backend) and
+    `torch.export` (the static formulation) give what the eager model gives."""
+    model = build("LongformerForTokenClassification")
+    pk.patch_longformer(model, "cpu")
+    batch, _ = _packed(LAYOUTS["plain"], _documents(LAYOUTS["plain"]))
+    want = model(**batch).logits
+    if how == "compile":
+        got = torch.compile(model, backend="eager", fullgraph=True)(**batch).logits
+    else:
+        got = torch.export.export(model, (), dict(batch), strict=False).module()(**batch).logits
+    assert_close_scaled(got, want, 1e-5)
