@@ -202,6 +202,8 @@ class PrefixPropagation(_Prefix):
         self._slot_map = None  # kept after the call: gradient checkpointing reruns the layer hooks in backward
         if starts is None:
             self._prepend(call, embed_tokens)
+            if self.kind == "longformer":
+                call["document_ids"] = False  # one document per row: the slots' positions 0..P-1 are no restart
             strip = lambda states: states[:, p:]  # noqa: E731
         else:
             where = self._prepend_packed(call, embed_tokens, starts)
