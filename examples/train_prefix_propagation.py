@@ -12,6 +12,10 @@ paper's classifier did. Reported on the validation and test sets: micro F1 (= ac
 tasks), binary F1 (for two classes) or macro F1, and the expected calibration error (ECE, equal-width bins).
 The best validation prefix is saved with `save_prefix` (only the trainable parameters).
 
+`--packing` (any task): each micro-batch's documents, without their padding, packed into rows of at most
+`--max-length` tokens (`pk.PackingCollator`), classified one logit row per document (`pk.DocumentClassifier`, which
+reads each document's `<s>`, so it implies `--no-pool-prefix`); the same metrics.
+
 `datasets` and the tokenizer are imported only for the real tasks; `--synthetic` needs neither.
 """
 
@@ -137,12 +141,28 @@ def with_global_cls(batch: dict, device) -> dict:
     return batch
 
 
+def packed(batch: dict, args, device) -> dict:
+    """`--packing`: the batch's documents without their padding, packed first-fit into rows of at most
+    `--max-length` tokens (`pk.PackingCollator`: positions restart per document, `<s>` global), for
+    `pk.DocumentClassifier` (one logit row per document, labels per document)."""
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    features = [{"input_ids": ids[:n], "label": int(y)}
+                for ids, n, y in zip(batch["input_ids"], lengths, batch["labels"], strict=True)]
+    rows = pk.PackingCollator(args.max_length, pad_token_id=args.pad_token_id)(features)
+    rows.pop("document_lengths")
+    return {k: v.to(device) for k, v in rows.items()}
+
+
+def prepared(batch: dict, args, device) -> dict:
+    return packed(batch, args, device) if args.packing else with_global_cls(batch, device)
+
+
 @torch.no_grad()
 def evaluate(model, data: dict, args, num_classes: int, device) -> dict[str, float]:
     model.eval()
     probs, gold = [], []
     for batch in batches(data, args.micro_batch):
-        batch = with_global_cls(batch, device)
+        batch = prepared(batch, args, device)
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(**batch).logits
@@ -169,6 +189,8 @@ def train(args) -> dict[str, dict[str, float]]:
     prefix = pk.apply_prefix_propagation(
         model, num_prefix=args.num_prefix, pool_prefix=args.pool_prefix, backend=args.backend
     )
+    args.pad_token_id = model.config.pad_token_id
+    classifier = pk.DocumentClassifier(model) if args.packing else model  # the same parameters
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"{sum(p.numel() for p in trainable):,} trainable parameters ({prefix.prefix.numel():,} in the prefix)")
@@ -190,7 +212,7 @@ def train(args) -> dict[str, dict[str, float]]:
         micro = 0
         for batch in batches(data["train"], args.micro_batch, gen):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = model(**with_global_cls(batch, device)).loss / accumulation
+                loss = classifier(**prepared(batch, args, device)).loss / accumulation
             loss.backward()
             micro += 1
             if micro % accumulation:
@@ -203,7 +225,7 @@ def train(args) -> dict[str, dict[str, float]]:
             bar.set_postfix(loss=f"{loss.item() * accumulation:.3f}")
             if step >= total:
                 break
-        val = evaluate(model, data["validation"], args, num_classes, device)
+        val = evaluate(classifier, data["validation"], args, num_classes, device)
         key = "binary_f1" if num_classes == 2 and not args.synthetic else "micro_f1"
         bar.write(f"step {step}: validation {fmt(val)}")
         if val[key] > best:
@@ -212,7 +234,7 @@ def train(args) -> dict[str, dict[str, float]]:
     bar.close()
     print(f"trained {step} steps in {time.perf_counter() - t0:.1f} s")
     pk.load_prefix(model, out_dir / "prefix.safetensors")
-    test = evaluate(model, data["test"], args, num_classes, device)
+    test = evaluate(classifier, data["test"], args, num_classes, device)
     print(f"best validation: {fmt(best_metrics)}")
     print(f"test:            {fmt(test)}")
     return {"validation": best_metrics, "test": test}
@@ -241,7 +263,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="prefix_propagation_out")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--synthetic-docs", type=int, default=256)
+    p.add_argument("--packing", action="store_true",
+                   help="pack each micro-batch's documents into rows of at most --max-length tokens (no padding "
+                        "computed; implies --no-pool-prefix: each document is classified by its <s>)")
     args = p.parse_args(argv)
+    if args.packing and args.pool_prefix:
+        print("--packing: the head classifies each document's <s> (--no-pool-prefix)")
+        args.pool_prefix = False
     if args.synthetic and args.max_length == 4096:
         args.max_length = 256  # small enough for a CPU
     return args

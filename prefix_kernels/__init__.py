@@ -16,6 +16,8 @@ _LAZY = {
     "patch_longformer_classes": "hf.patching",
     "unpatch_longformer_classes": "hf.patching",
     "is_patched": "hf.patching",
+    "PackingCollator": "hf.packing",
+    "DocumentClassifier": "hf.packing",
     "apply_prefix_propagation": "prefix",
     "apply_prefix_tuning": "prefix",
     "save_prefix": "prefix",

@@ -47,6 +47,7 @@ def global_rows_from_hidden(
     *,
     scale: float,
     dropout_p: float,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The global rows `(B, G, H, D)`, in the compact order of `idx (B, G)` (slots past `counts (B,)` exactly 0).
 
@@ -55,7 +56,8 @@ def global_rows_from_hidden(
         qg: `(B, G, H, D)` the global queries of the compact slots (the global query layer applied to `x` there).
         key_weight, key_bias, value_weight, value_bias: the global key / value layers, `(H * D, C)` and `(H * D,)`.
         key_padding_mask: `(B, N)` bool or `None`; prefix_k, prefix_v: `(P, H, D)` or `None`.
-        scale, dropout_p: as in `longformer_attention`.
+        scale, dropout_p, document_ids: as in `longformer_attention` (`document_ids (B, N)`: a global query sees
+            the keys of its own document only).
 
     One softmax per row (fp32, padding keys masked), dropout `dropout_p`, as `reference.py` states the global rows.
     Every weight gets its gradient from autograd through these products.
@@ -74,6 +76,9 @@ def global_rows_from_hidden(
         scores = scores + (qs * key_bias.view(h, d)).sum(-1, keepdim=True)
     allowed = (torch.arange(g, device=x.device) < counts[:, None])[:, :, None, None]  # (B, G, 1, 1): used slots
     key_ok = allowed if key_padding_mask is None else allowed & ~key_padding_mask[:, None, None, :]
+    if document_ids is not None:  # (B, G, 1, N): the key is in the global query's document
+        own = document_ids.gather(1, idx.long())
+        key_ok = key_ok & (own[:, :, None] == document_ids[:, None, :])[:, :, None, :]
     if prefix_k is not None:
         scores = torch.cat([scores, torch.einsum("bghd,phd->bghp", qs, prefix_k)], dim=-1)
         key_ok = torch.cat([key_ok.expand(b, g, 1, n), allowed.expand(b, g, 1, prefix_k.shape[0])], dim=-1)

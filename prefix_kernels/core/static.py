@@ -67,6 +67,8 @@ def static_attention(a: AttentionArgs) -> torch.Tensor:
             prefix_k = bhnd(a.prefix_k).repeat(1, 1, 1, 2)
             prefix_v = bhnd(a.prefix_v).repeat(1, 1, 1, 2)
 
+    if a.document_ids is not None:  # windows and global tokens stop at document boundaries
+        allowed = allowed & (a.document_ids[:, :, None] == a.document_ids[:, None, :])
     scores = torch.matmul(qq, kk.transpose(-1, -2)) * a.softmax_scale  # (B, H, N, N)
     allowed = allowed[:, None].expand(b, 1, n, n)
     if prefix_k is not None:

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from ..attention import check_backend_name
 from ..core.masks import one_forward_pass
 from ..core.tracing import is_exporting
+from .packing import _PackedModel
 from .self_attention import _FusedSelfAttention, run_build_checks
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
@@ -39,6 +40,7 @@ _LED = "transformers.models.led.modeling_led"
 _HF_LOCATIONS = {
     "attention": ((_LONGFORMER, "LongformerSelfAttention"), (_LED, "LEDEncoderSelfAttention")),
     "encoder": ((_LONGFORMER, "LongformerEncoder"), (_LED, "LEDEncoder")),
+    "model": ((_LONGFORMER, "LongformerModel"),),  # packed documents (`packing.py`); LED's encoder has no positions
 }
 _ORIGINALS: dict[str, type] = {}  # "module:name" -> the HF class, recorded before any class patch
 _PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its patched subclass
@@ -127,8 +129,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, targets)]
 
 
-def _encoder_modules(model: nn.Module) -> list[nn.Module]:
-    targets = tuple(_hf_classes("encoder").values())
+def _encoder_modules(model: nn.Module, kind: str = "encoder") -> list[nn.Module]:
+    targets = tuple(_hf_classes(kind).values())
     return [m for m in model.modules() if isinstance(m, targets)]
 
 
@@ -171,6 +173,9 @@ def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
     for encoder in _encoder_modules(model):
         if not isinstance(encoder, _TraceableEncoder):
             encoder.__class__ = _patched_class(type(encoder), _TraceableEncoder)
+    for base in _encoder_modules(model, "model"):
+        if not isinstance(base, _PackedModel):
+            base.__class__ = _patched_class(type(base), _PackedModel)
     _quiet_padding_notice_when_traced()
     return model
 
@@ -186,7 +191,7 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
     for encoder in model.modules():
-        if isinstance(encoder, _TraceableEncoder):
+        if isinstance(encoder, (_TraceableEncoder, _PackedModel)):
             encoder.__class__ = type(encoder)._hf_class
     return model
 
@@ -224,6 +229,9 @@ def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
     for key, cls in _hf_classes("encoder").items():
         module_name, name = key.split(":")
         setattr(importlib.import_module(module_name), name, _patched_class(cls, _TraceableEncoder))
+    for key, cls in _hf_classes("model").items():
+        module_name, name = key.split(":")
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _PackedModel))
     _quiet_padding_notice_when_traced()
     return _ClassPatch()
 
@@ -232,7 +240,7 @@ def unpatch_longformer_classes() -> None:
     """Point the modeling modules back at HF's classes (models already built keep what they have)."""
     import importlib
 
-    for kind in ("attention", "encoder"):
+    for kind in ("attention", "encoder", "model"):
         for key, cls in _hf_classes(kind).items():
             module_name, name = key.split(":")
             setattr(importlib.import_module(module_name), name, cls)

@@ -68,6 +68,9 @@ class _FusedSelfAttention:
         call.update(kwargs)
         prefix = getattr(self, "_prefix_kernels_prefix", None)
         if call.get("output_attentions"):
+            if getattr(self, "_prefix_kernels_documents", None) is not None:
+                raise ValueError("output_attentions=True is not supported with packed documents: HF's attention "
+                                 "layouts have no document boundaries")
             if prefix is not None and _separate(prefix) is not None:
                 raise ValueError(
                     "output_attentions=True is not supported with prefix_attention='separate': HF's attention "
@@ -124,11 +127,13 @@ def fused_self_attention(
     q, k, v = heads(module.query), heads(module.key), heads(module.value)
     glob = is_index_global_attn if is_global_attn else None
     backend = getattr(module, "_prefix_kernels_backend", "auto")
+    docs = getattr(module, "_prefix_kernels_documents", None)  # packed documents (`packing.py`), `(B, N)` or None
     prefix_k = prefix_v = None
     prefix = getattr(module, "_prefix_kernels_prefix", None)
     spec = None if prefix is None else _separate(prefix)
     if spec is not None:
-        out = _separate_self_attention(module, hidden_states, q, k, v, glob, is_index_masked, prefix, spec, backend)
+        out = _separate_self_attention(module, hidden_states, q, k, v, glob, is_index_masked, prefix, spec, backend,
+                                       docs)
         return _scale_heads(out, layer_head_mask).reshape(b, n, c)
     if prefix is not None:
         prefix_k, prefix_v = prefix.key_values(q)
@@ -139,6 +144,7 @@ def fused_self_attention(
         prefix_v=prefix_v,
         softmax_scale=d**-0.5,
         dropout_p=float(module.dropout) if module.training else 0.0,
+        document_ids=docs,
     )
     index = _direct_global_rows_index(module, glob, is_index_masked) if not output_attentions else None
     if index is not None:
@@ -150,7 +156,7 @@ def fused_self_attention(
             rows = global_rows_from_hidden(
                 hidden_states, module.query_global(xg).view(b, g, h, d), key.weight, key.bias, value.weight,
                 value.bias, idx, counts, is_index_masked, prefix_k, prefix_v, scale=kwargs["softmax_scale"],
-                dropout_p=kwargs["dropout_p"])
+                dropout_p=kwargs["dropout_p"], document_ids=docs)
             # The op left the global rows 0; entries past a row's count add exact zeros to distinct local rows.
             out = out.scatter_add(1, idx.long()[:, :, None, None].expand(b, g, h, d), rows.to(out.dtype))
         return _scale_heads(out, layer_head_mask).reshape(b, n, c)
@@ -200,7 +206,7 @@ def _text_part(mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
 
 def _separate_self_attention(module: nn.Module, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, glob: torch.Tensor | None, pad: torch.Tensor | None, prefix,
-                             spec: SeparatePrefix, backend: str) -> torch.Tensor:
+                             spec: SeparatePrefix, backend: str, docs: torch.Tensor | None = None) -> torch.Tensor:
     """`(B, N, H, D)`: the layer's attention with a separately normalised prefix (`prefix_attention.py`).
 
     Prefix-tuning: the layer's prefix keys/values, the same for local and global rows. Prefix-propagation
@@ -210,12 +216,19 @@ def _separate_self_attention(module: nn.Module, hidden_states: torch.Tensor, q: 
     op's own separate softmax where its backend serves it (`_separate_in_the_op`); otherwise, and for "rbf" and
     "poly", the op runs without prefix keys (`A`) and `B` is added beside it. The global projections are applied in
     full (the global rows from the hidden states have no separate prefix).
+
+    Packed documents (`docs`): prefix-tuning's keys are shared by every document, so the op gets the ids; the slots of
+    prefix-propagation cannot be per document here (the op's prefix keys are shared by every row), so it raises.
     """
     b, n, c = hidden_states.shape
     h, d = module.num_heads, module.head_dim
     scale = d**-0.5
     dropout_p = float(module.dropout) if module.training else 0.0
     p = int(getattr(prefix, "slots", 0))
+    if p and docs is not None:
+        raise ValueError("prefix-propagation with prefix_attention='separate' does not support packed documents: the "
+                         "slots leave the text's softmax as prefix keys the op shares with every document; pack with "
+                         "prefix_attention='joint' or pass one document per row")
     qg = kg = vg = None
     if glob is not None:
         qg = _global_rows_projection(module.query_global, hidden_states, glob, pad).view(b, n, h, d)
@@ -232,7 +245,8 @@ def _separate_self_attention(module: nn.Module, hidden_states: torch.Tensor, q: 
         local_prefix, global_prefix = prefix.key_values(q), None
         text_glob, text_pad, kg_text, vg_text = glob, pad, kg, vg
     call = dict(window=int(module.one_sided_attn_window_size), is_global=text_glob, key_padding_mask=text_pad,
-                q_global=qg, k_global=kg_text, v_global=vg_text, softmax_scale=scale, dropout_p=dropout_p)
+                q_global=qg, k_global=kg_text, v_global=vg_text, softmax_scale=scale, dropout_p=dropout_p,
+                document_ids=docs)
     fused = dict(prefix_k=local_prefix[0], prefix_v=local_prefix[1], prefix_normalization="separate",
                  prefix_scale=spec.scale)
     if global_prefix is not None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..core.tracing import is_exporting
+from ..hf.packing import document_starts, packed_document_ids
 from ..hf.prefix_attention import SeparatePrefix
 from .backbone import _Backbone
 from .base import (
@@ -78,14 +81,85 @@ class PrefixPropagation(_Prefix):
         return {**super().config_record(), "pool_prefix": self.pool_prefix}
 
     def add_prefix(self, layer: int, module: nn.Module, args: tuple, kwargs: dict):
-        """Layer pre-hook: `h[:, :P] += dropout(prefix[layer])` (out of place, autograd-safe)."""
+        """Layer pre-hook: `h[:, :P] += dropout(prefix[layer])` (out of place, autograd-safe); with packed documents
+        each document's slots get it."""
         p = self.num_prefix
         h = args[0] if args else kwargs["hidden_states"]
         add = self.dropout(self.prefix[layer]).to(h.dtype)
-        h = torch.cat([h[:, :p] + add, h[:, p:]], dim=1)
+        slot_map = self.__dict__.get("_slot_map")
+        if slot_map is not None:  # (B, N'): the slot each position is, P where it is none
+            slot_map = F.pad(slot_map, (0, h.shape[1] - slot_map.shape[1]), value=p)
+            table = torch.cat([add, add.new_zeros(1, add.shape[-1])])
+            h = h + table[slot_map]
+        else:
+            h = torch.cat([h[:, :p] + add, h[:, p:]], dim=1)
         if args:
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
+
+    def _packed(self, call: dict) -> torch.Tensor | None:
+        """The user's packed document starts `(B, N)` bool, or `None` for one document per row (`packing.py`)."""
+        positions = call.get("position_ids")
+        if self.kind != "longformer" or positions is None or call.get("document_ids") is False:
+            return None
+        if call.get("document_ids") is not None:
+            raise ValueError("document_ids: prefix-propagation reads packed documents from restarting position_ids "
+                             "(it inserts each document's slots itself); pass those instead")
+        if torch.compiler.is_compiling() or is_exporting():
+            raise ValueError("position_ids: prefix-propagation inserts P slots per packed document, a length that "
+                             "depends on the data, so it reads position_ids eagerly only; under torch.compile or an "
+                             "exporter pass no position_ids, or document_ids=False for one document per row")
+        docs = packed_document_ids(positions, call.get("attention_mask"), self.padding_idx)
+        if docs is None:
+            return None
+        if self.pool_prefix:
+            raise ValueError("pool_prefix pools each row's prefix slot 0, not each document's: packed documents need "
+                             "prefix-propagation without pool_prefix")
+        return document_starts(positions, call.get("attention_mask"))
+
+    def _prepend_packed(self, call: dict, embed_tokens: nn.Module, starts: torch.Tensor) -> torch.Tensor:
+        """Insert each packed document's `P` slots in front of its first token, in place of the call's inputs (the
+        slots global, in their document, positions `0..P-1` and the text's shifted by `P`, as unpacked); returns
+        where each user token went, `(B, N)`."""
+        p = self.num_prefix
+        ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+        if embeds is None:
+            embeds = embed_tokens(ids)
+        b, n, c = embeds.shape
+        dev = embeds.device
+        count = starts.long().cumsum(dim=1)  # the documents started so far
+        where = torch.arange(n, device=dev) + p * count  # each token's place in the grown row
+        n_new = n + p * int(count[:, -1].max())
+        rows, cols = starts.nonzero(as_tuple=True)
+        slot_places = where[rows, cols][:, None] - p + torch.arange(p, device=dev)  # (documents, P)
+        slot_rows = rows[:, None].expand_as(slot_places)
+
+        def grow(t: torch.Tensor, fill, slots) -> torch.Tensor:
+            out = t.new_full((b, n_new), fill).scatter(1, where, t)
+            out[slot_rows, slot_places] = slots
+            return out
+
+        call["input_ids"] = None
+        call["inputs_embeds"] = embeds.new_zeros(b, n_new, c).scatter(1, where[..., None].expand(b, n, c), embeds)
+        mask = call.get("attention_mask")
+        mask = torch.ones(b, n, dtype=torch.long, device=dev) if mask is None else mask
+        call["attention_mask"] = grow(mask, 0, 1)
+        glob = call.get("global_attention_mask")
+        glob = torch.zeros(b, n, dtype=torch.long, device=dev) if glob is None else glob
+        call["global_attention_mask"] = grow(glob, 0, 1)
+        types = call.get("token_type_ids")
+        if types is not None:
+            call["token_type_ids"] = grow(types, 0, 0)
+        positions = call["position_ids"]
+        text = torch.where(positions == self.padding_idx, positions, positions + p)
+        self.check_length(n, text)
+        slot_positions = torch.arange(p, device=dev, dtype=positions.dtype).expand_as(slot_places)
+        call["position_ids"] = grow(text, self.padding_idx, slot_positions)
+        call["document_ids"] = grow(count, 0, count[rows, cols][:, None].expand_as(slot_places))
+        slot_map = torch.full((b, n_new), p, dtype=torch.long, device=dev)
+        slot_map[slot_rows, slot_places] = torch.arange(p, device=dev).expand_as(slot_places)
+        self._slot_map = slot_map
+        return where
 
     def _prepend(self, call: dict, embed_tokens: nn.Module) -> tuple[int, int]:
         """Prepend the `P` slots to the call's inputs in place; returns `(B, N)` of the user's input."""
@@ -124,7 +198,16 @@ class PrefixPropagation(_Prefix):
         self.warn_if_frozen()
         base, p = wrapper.base, self.num_prefix
         embed_tokens = base.embeddings.word_embeddings if self.kind == "longformer" else base.embed_tokens
-        self._prepend(call, embed_tokens)
+        starts = self._packed(call)
+        self._slot_map = None  # kept after the call: gradient checkpointing reruns the layer hooks in backward
+        if starts is None:
+            self._prepend(call, embed_tokens)
+            if self.kind == "longformer":
+                call["document_ids"] = False  # one document per row: the slots' positions 0..P-1 are no restart
+            strip = lambda states: states[:, p:]  # noqa: E731
+        else:
+            where = self._prepend_packed(call, embed_tokens, starts)
+            strip = lambda states: states.gather(1, where[..., None].expand(*where.shape, states.shape[-1]))  # noqa: E731
         want_dict = call.get("return_dict")
         want_dict = _config_return_dict(base.config) if want_dict is None else want_dict
         call["return_dict"] = True
@@ -133,9 +216,9 @@ class PrefixPropagation(_Prefix):
         full = out.last_hidden_state
         if self.pool_prefix:
             _POOLED[0] = full[:, :p].contiguous()  # not a view: the full rows need not stay alive
-        fields = {"last_hidden_state": full[:, p:]}
+        fields = {"last_hidden_state": strip(full)}
         if getattr(out, "hidden_states", None) is not None:
-            fields["hidden_states"] = tuple(s[:, p:] for s in out.hidden_states)
+            fields["hidden_states"] = tuple(strip(s) for s in out.hidden_states)
         if getattr(out, "attentions", None) is not None:
             # (B, H, N, G + 2w + 1) per query row; the columns of the P global prefix keys stay.
             fields["attentions"] = tuple(a[:, :, p:] for a in out.attentions)

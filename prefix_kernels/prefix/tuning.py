@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..hf.packing import packed_document_ids
 from ..hf.prefix_attention import SeparatePrefix
 from .backbone import _Backbone
 from .base import _install, _Prefix, _prepare, _shifted_positions, _WrappedForward, attention_options
@@ -62,6 +63,10 @@ class PrefixTuning(_Prefix):
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         shape = tuple(src.shape[:2])
         if self.kind == "longformer":
+            # Packed documents from the user's numbering (the shifted one starts at padding_idx + 1 + P).
+            docs = packed_document_ids(call.get("position_ids"), call.get("attention_mask"), self.padding_idx)
+            if call.get("document_ids") is None:
+                call["document_ids"] = False if docs is None else docs
             call["position_ids"] = _shifted_positions(
                 ids, call.get("position_ids"), shape, self.num_prefix, self.padding_idx, src.device
             )

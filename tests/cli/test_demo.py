@@ -94,6 +94,21 @@ def test_example_synthetic(tmp_path, capsys):
     assert "test:" in capsys.readouterr().out
 
 
+def test_example_synthetic_packed(tmp_path, capsys):
+    """`--packing`: the same metrics, each micro-batch's documents packed into rows (fewer rows than documents)."""
+    spec = importlib.util.spec_from_file_location("train_prefix_propagation", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--device", "cpu", "--synthetic", "--max-steps", "1", "--batch-size", "8", "--micro-batch", "8",
+            "--max-length", "96", "--synthetic-docs", "8", "--packing"]
+    result = example.train(example.parse_args([*args, "--backend", "cpu", "--output-dir", str(tmp_path)]))
+    for split in ("validation", "test"):
+        assert {"micro_f1", "macro_f1", "binary_f1", "ece"} <= set(result[split])
+        assert 0.0 <= result[split]["ece"] <= 1.0
+    out = capsys.readouterr().out
+    assert "--no-pool-prefix" in out and "test:" in out
+
+
 def test_calibration_and_f1_metrics():
     spec = importlib.util.spec_from_file_location("train_prefix_propagation", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
