@@ -15,11 +15,19 @@ host, `is_index_global_attn.flatten().any().item()`, and branch on it; the patch
 (the op handles a batch without global tokens itself). Patching also swaps each encoder's class for a subclass
 whose `forward`, while `torch.compile` or an exporter traces it, runs HF's own `forward` with that `.item()`
 answering the Python constant `True`: the graph then has no host read and no branch on the masks, so changing
-only the masks never recompiles. The patched attention itself is `hf/self_attention.py`.
+only the masks never recompiles.
+
+HF also pads every input to a multiple of the attention window (`_pad_to_window_size` of `LongformerModel` and
+`LEDEncoder`), which HF's own attention needs and the patched attention does not: it takes any length, and the
+padding rows are cut off again. That padding branches on the length (`if padding_len > 0`), which an exporter
+cannot express for a dynamic length, so patching swaps `LongformerModel`'s class too and, while an exporter traces
+a model whose attention is all patched, both skip the padding (`_UnpaddedWhenExported`): the same outputs, fewer
+rows, and a length that may be any size. The patched attention itself is `hf/self_attention.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -39,13 +47,14 @@ _LED = "transformers.models.led.modeling_led"
 _HF_LOCATIONS = {
     "attention": ((_LONGFORMER, "LongformerSelfAttention"), (_LED, "LEDEncoderSelfAttention")),
     "encoder": ((_LONGFORMER, "LongformerEncoder"), (_LED, "LEDEncoder")),
+    "model": ((_LONGFORMER, "LongformerModel"),),  # LED pads in its encoder
 }
 _ORIGINALS: dict[str, type] = {}  # "module:name" -> the HF class, recorded before any class patch
 _PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its patched subclass
 
 
 def _hf_classes(kind: str = "attention") -> dict[str, type]:
-    """The original HF classes of `kind` ("attention" or "encoder") by location, importing only those the
+    """The original HF classes of `kind` ("attention", "encoder" or "model") by location, importing only those the
     installed transformers has."""
     import importlib
 
@@ -78,6 +87,16 @@ class _GlobalFlagIsConstant(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _wants_maps(module: nn.Module, call: dict) -> bool:
+    """Whether an HF forward call asks for attention maps (its argument, else the config's default)."""
+    wants = call.get("output_attentions")
+    return bool(getattr(module.config, "output_attentions", False) if wants is None else wants)
+
+
+def _all_fused(module: nn.Module) -> bool:
+    return all(isinstance(m, _FusedSelfAttention) for m in _attention_modules(module))
+
+
 class _TraceableEncoder:
     """Mixin placed in front of HF's `LongformerEncoder` / `LEDEncoder`: the same `forward`, without the
     host read of the batch-wide global flag while `torch.compile` or an exporter traces it; run eagerly, inside
@@ -92,13 +111,53 @@ class _TraceableEncoder:
                 return super().forward(*args, **kwargs)
         call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
         call.update(kwargs)
-        wants_maps = call.get("output_attentions")
-        if wants_maps is None:
-            wants_maps = getattr(self.config, "output_attentions", False)
-        if wants_maps or not all(isinstance(m, _FusedSelfAttention) for m in _attention_modules(self)):
+        if _wants_maps(self, call) or not _all_fused(self):
             return super().forward(*args, **kwargs)  # HF's own attention: it needs the real flag
         with _GlobalFlagIsConstant():
             return super().forward(*args, **kwargs)
+
+
+# Whether the `_UnpaddedWhenExported` forward being traced skips the window padding (innermost last). A plain list,
+# not module state: the exporters trace Python as it runs, and nothing here is part of the graph.
+_UNPADDED: list[bool] = []
+
+
+class _UnpaddedWhenExported:
+    """Mixin placed in front of HF's `LongformerModel` (and, with `_TraceableEncoder`, `LEDEncoder`): while an
+    exporter traces a model whose attention is all patched and no attention maps are asked for, HF's
+    `_pad_to_window_size` pads nothing (the patched attention takes any length; HF's padding rows would only be
+    cut off again), so the exported length may be dynamic. Eagerly and under `torch.compile`, HF's own padding."""
+
+    _hf_class: type
+    _hf_arg_names: tuple[str, ...]
+
+    def forward(self, *args, **kwargs):
+        if not is_exporting():
+            return super().forward(*args, **kwargs)
+        call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
+        call.update(kwargs)
+        _UNPADDED.append(_all_fused(self) and not _wants_maps(self, call))
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _UNPADDED.pop()
+
+    def _pad_to_window_size(self, *args, **kwargs):
+        if not (_UNPADDED and _UNPADDED[-1]):
+            return super()._pad_to_window_size(*args, **kwargs)
+        # HF returns `(padding_len, *its tensor arguments in order)`, `pad_token_id` left out.
+        names = tuple(inspect.signature(self._hf_class._pad_to_window_size).parameters)[1:]
+        call = dict(zip(names[: len(args)], args, strict=True))
+        call.update(kwargs)
+        return (0, *(call.get(name) for name in names if name != "pad_token_id"))
+
+
+class _TraceableLEDEncoder(_TraceableEncoder, _UnpaddedWhenExported):
+    """`LEDEncoder`'s mixin: it reads the global flag and pads to the window both."""
+
+
+def _encoder_mixin(cls: type) -> type:
+    return _TraceableLEDEncoder if hasattr(cls, "_pad_to_window_size") else _TraceableEncoder
 
 
 def _patched_class(cls: type, mixin: type) -> type:
@@ -107,14 +166,27 @@ def _patched_class(cls: type, mixin: type) -> type:
     if cls not in _PATCHED:
         names = tuple(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
         qualname = f"Fused{cls.__name__}"
+        attrs = {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname}
+        if "forward" in vars(mixin):
+            attrs["forward"] = _with_signature_of(mixin.forward, cls.forward)
         patched = type(
             cls.__name__,  # same name: accelerate's `no_split_modules` and HF's module lists match by name
             (mixin, cls),
-            {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname},
+            attrs,
         )
         globals()[qualname] = patched  # picklable by its qualified name
         _PATCHED[cls] = patched
     return _PATCHED[cls]
+
+
+def _with_signature_of(forward, hf_forward):
+    """`forward` showing `hf_forward`'s signature to `inspect` (HF `Trainer` picks dataset columns by it, the prefix
+    methods bind positional arguments by it)."""
+
+    def patched_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return functools.update_wrapper(patched_forward, hf_forward)
 
 
 def _fused_class(cls: type) -> type:
@@ -127,8 +199,9 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, targets)]
 
 
-def _encoder_modules(model: nn.Module) -> list[nn.Module]:
-    targets = tuple(_hf_classes("encoder").values())
+def _encoder_modules(model: nn.Module, kind: str = "encoder") -> list[nn.Module]:
+    """The modules of `model` that are HF's classes of `kind` ("encoder" or "model")."""
+    targets = tuple(_hf_classes(kind).values())
     return [m for m in model.modules() if isinstance(m, targets)]
 
 
@@ -170,7 +243,10 @@ def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
         module._prefix_kernels_backend = backend
     for encoder in _encoder_modules(model):
         if not isinstance(encoder, _TraceableEncoder):
-            encoder.__class__ = _patched_class(type(encoder), _TraceableEncoder)
+            encoder.__class__ = _patched_class(type(encoder), _encoder_mixin(type(encoder)))
+    for base in _encoder_modules(model, "model"):
+        if not isinstance(base, _UnpaddedWhenExported):
+            base.__class__ = _patched_class(type(base), _UnpaddedWhenExported)
     _quiet_padding_notice_when_traced()
     return model
 
@@ -184,9 +260,9 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
             raise ValueError("this model uses prefix-tuning, which HF's attention cannot compute; keep it patched")
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
-    for encoder in model.modules():
-        if isinstance(encoder, _TraceableEncoder):
-            encoder.__class__ = type(encoder)._hf_class
+    for module in model.modules():
+        if isinstance(module, (_TraceableEncoder, _UnpaddedWhenExported)):
+            module.__class__ = type(module)._hf_class
     return model
 
 
@@ -222,7 +298,10 @@ def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
         setattr(importlib.import_module(module_name), name, patched)
     for key, cls in _hf_classes("encoder").items():
         module_name, name = key.split(":")
-        setattr(importlib.import_module(module_name), name, _patched_class(cls, _TraceableEncoder))
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _encoder_mixin(cls)))
+    for key, cls in _hf_classes("model").items():
+        module_name, name = key.split(":")
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _UnpaddedWhenExported))
     _quiet_padding_notice_when_traced()
     return _ClassPatch()
 
@@ -231,7 +310,7 @@ def unpatch_longformer_classes() -> None:
     """Point the modeling modules back at HF's classes (models already built keep what they have)."""
     import importlib
 
-    for kind in ("attention", "encoder"):
+    for kind in ("attention", "encoder", "model"):
         for key, cls in _hf_classes(kind).items():
             module_name, name = key.split(":")
             setattr(importlib.import_module(module_name), name, cls)
