@@ -107,30 +107,34 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
     vb = _view(windows(blocks(a.v.to(cdt))), -1, span, d)
     s_band = torch.bmm(_view(qb, -1, c, d), kb.transpose(1, 2)).reshape(b, h, nb, c, span) + (key_bias + band_bias)
 
-    q = _view(qb, b, h, -1, d)  # (B, H, nb * c, D)
-    parts = []  # beyond the band: (scores (B, H, nb * c, K), values (B, H, K, D))
+    # Beyond the band, the keys every local row sees: the compacted global keys (local projections), the prefix.
+    keys, values, biases = [], [], []
     idx = None
     if glob is not None:
         idx, valid = _global_slots(glob)
-        gk, gv = (_gather_rows(_bhnd(t, cdt), idx) for t in (a.k, a.v))
-        parts.append((_bmm(q, gk, transpose=True) + torch.where(valid, zero, neg_inf)[:, None, None, :], gv))
+        keys.append(_gather_rows(_bhnd(a.k, cdt), idx))
+        values.append(_gather_rows(_bhnd(a.v, cdt), idx))
+        biases.append(torch.where(valid, zero, neg_inf))  # (B, G): slots past a row's count masked
     pk = pv = None
     if a.prefix_k is not None:
         pk, pv = _bhnd(a.prefix_k, cdt), _bhnd(a.prefix_v, cdt)
-        parts.append((_bmm(q, pk, transpose=True), pv))
+        keys.append(pk)
+        values.append(pv)
+        biases.append(torch.zeros(b, pk.shape[2], dtype=cdt, device=dev))
 
-    row_max = _view(s_band.amax(dim=-1), b, h, -1, 1)
-    for s, _ in parts:
-        row_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
+    row_max = _view(s_band.amax(dim=-1), b, h, -1, 1)  # (B, H, nb * c, 1)
+    if keys:
+        s_more = _bmm(_view(qb, b, h, -1, d), _cat(keys), transpose=True) + _cat(biases, 1)[:, None, None, :]
+        row_max = torch.maximum(row_max, s_more.amax(dim=-1, keepdim=True))
     row_max = _finite_max(row_max, cdt)
     # Dropout on the unnormalized exponentials: the same as on the probabilities, the sums taken before it.
     e_band = torch.exp(s_band - row_max.reshape(b, h, nb, c, 1))
     denom = _view(e_band.sum(dim=-1), b, h, -1, 1)
     out = _view(torch.bmm(_view(_dropout(e_band, a.dropout_p), -1, c, span), vb), b, h, -1, d)
-    for s, values in parts:
-        e = torch.exp(s - row_max)
+    if keys:
+        e = torch.exp(s_more - row_max)
         denom = denom + e.sum(dim=-1, keepdim=True)
-        out = out + _bmm(_dropout(e, a.dropout_p), values)
+        out = out + _bmm(_dropout(e, a.dropout_p), _cat(values))
     out = out / torch.where(denom > 0, denom, torch.ones_like(denom))
     # The first N rows, by index rather than by a slice: a fresh tensor, no strides to reason about.
     out = out.index_select(2, torch.arange(n, device=dev))
@@ -144,6 +148,10 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
     if a.key_padding_mask is not None:
         out = out.masked_fill(a.key_padding_mask[:, None, :, None], 0.0)
     return out.transpose(1, 2).to(a.q.dtype)
+
+
+def _cat(tensors: list[torch.Tensor], dim: int = 2) -> torch.Tensor:
+    return torch.cat(tensors, dim=dim) if len(tensors) > 1 else tensors[0]
 
 
 def _view(t: torch.Tensor, *shape) -> torch.Tensor:
@@ -194,24 +202,20 @@ def _global_rows(a: AttentionArgs, cdt: torch.dtype, idx: torch.Tensor, pk: torc
     """The global queries of the `G` slots against every non-padding key (global projections) and the prefix:
     `(B, H, G, D)` (slots past a row's count hold finite values that the caller discards)."""
     qg = _gather_rows(_bhnd(a.q_global, cdt) * a.softmax_scale, idx)
-    kg, vg = _bhnd(a.k_global, cdt), _bhnd(a.v_global, cdt)
-    s = _bmm(qg, kg, transpose=True)  # (B, H, G, N)
+    keys, values = [_bhnd(a.k_global, cdt)], [_bhnd(a.v_global, cdt)]
+    if pk is not None:
+        keys.append(pk)
+        values.append(pv)
+    s = _bmm(qg, _cat(keys), transpose=True)  # (B, H, G, N + P)
     if a.key_padding_mask is not None:
         zero = torch.zeros((), dtype=cdt, device=s.device)
-        s = s + torch.where(a.key_padding_mask, float("-inf"), zero)[:, None, None, :]
-    parts = [(s, vg)]
-    if pk is not None:
-        parts.append((_bmm(qg, pk, transpose=True), pv))
-    row_max = parts[0][0].amax(dim=-1, keepdim=True)
-    for s, _ in parts[1:]:
-        row_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
-    row_max = _finite_max(row_max, cdt)
-    out = denom = None
-    for s, values in parts:
-        e = torch.exp(s - row_max)
-        denom = e.sum(dim=-1, keepdim=True) if denom is None else denom + e.sum(dim=-1, keepdim=True)
-        part = _bmm(_dropout(e, a.dropout_p), values)
-        out = part if out is None else out + part
+        bias = torch.where(a.key_padding_mask, float("-inf"), zero)
+        if pk is not None:
+            bias = torch.cat([bias, torch.zeros(bias.shape[0], pk.shape[2], dtype=cdt, device=s.device)], dim=1)
+        s = s + bias[:, None, None, :]
+    e = torch.exp(s - _finite_max(s.amax(dim=-1, keepdim=True), cdt))
+    denom = e.sum(dim=-1, keepdim=True)
+    out = _bmm(_dropout(e, a.dropout_p), _cat(values))
     return out / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
