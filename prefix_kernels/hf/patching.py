@@ -17,18 +17,26 @@ whose `forward`, while `torch.compile` or an exporter traces it, runs HF's own `
 answering the Python constant `True`: the graph then has no host read and no branch on the masks, so changing
 only the masks never recompiles.
 
-HF also pads every input to a multiple of the attention window (`_pad_to_window_size` of `LongformerModel` and
-`LEDEncoder`), which HF's own attention needs and the patched attention does not: it takes any length, and the
-padding rows are cut off again. That padding branches on the length (`if padding_len > 0`), which an exporter
-cannot express for a dynamic length, so patching swaps `LongformerModel`'s class too and, while an exporter traces
-a model whose attention is all patched, both skip the padding (`_UnpaddedWhenExported`): the same outputs, fewer
-rows, and a length that may be any size. The patched attention itself is `hf/self_attention.py`.
+Exporting, at the model level (`_ExportableModel`, in front of `LongformerModel` and `LEDEncoder`, so patching swaps
+`LongformerModel`'s class too), two more things, only while an exporter traces:
+
+* HF pads every input to a multiple of the attention window (`_pad_to_window_size`), which HF's own attention needs
+  and the patched attention does not: it takes any length, and the padding rows are cut off again. That padding
+  branches on the length (`if padding_len > 0`), which an exporter cannot express for a dynamic length, so a model
+  whose attention is all patched skips it: the same outputs, fewer rows, a length that may be any size;
+* HF builds its 2D float mask by expanding it to `(B, 1, N, N)` and keeping the first query row (`LEDEncoder`, and
+  `LongformerModel` in transformers 5): the same values are built as `(B, 1, 1, N)`, so the graph holds no
+  `N x N` tensor.
+
+The patched attention itself is `hf/self_attention.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -117,16 +125,58 @@ class _TraceableEncoder:
             return super().forward(*args, **kwargs)
 
 
-# Whether the `_UnpaddedWhenExported` forward being traced skips the window padding (innermost last). A plain list,
+# Whether the `_ExportableModel` forward being traced skips the window padding (innermost last). A plain list,
 # not module state: the exporters trace Python as it runs, and nothing here is part of the graph.
 _UNPADDED: list[bool] = []
 
 
-class _UnpaddedWhenExported:
+def _padding_bias(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """What transformers 5's `create_bidirectional_mask` gives `LongformerModel` for a 2D mask (0 where a key is
+    attended, the dtype's lowest value elsewhere), as `(B, 1, 1, N)`: the model keeps only `[:, 0, 0, :]`."""
+    dtype = inputs_embeds.dtype
+    zero = torch.zeros((), dtype=dtype, device=inputs_embeds.device)
+    return torch.where(attention_mask.to(inputs_embeds.device).bool(), zero, torch.finfo(dtype).min)[:, None, None]
+
+
+def _one_query_row(prepare: Callable) -> Callable:
+    """LED's `_prepare_4d_attention_mask_inverted` with one query row (`tgt_len=1`) unless another is asked for: the
+    encoder keeps only `[:, 0, 0, :]`."""
+
+    def prepare_one_row(mask, dtype, tgt_len=None):
+        return prepare(mask, dtype, 1 if tgt_len is None else tgt_len)
+
+    return prepare_one_row
+
+
+@contextlib.contextmanager
+def _masks_without_query_rows() -> Iterator[None]:
+    """The modeling modules' mask builders replaced, for the traced forward, by ones that build the row HF keeps."""
+    import importlib
+
+    replaced = []
+    for module_name, name, replacement in ((_LONGFORMER, "create_bidirectional_mask", lambda f: _padding_bias),
+                                           (_LED, "_prepare_4d_attention_mask_inverted", _one_query_row)):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, name, None)
+        if original is not None:
+            replaced.append((module, name, original))
+            setattr(module, name, replacement(original))
+    try:
+        yield
+    finally:
+        for module, name, original in reversed(replaced):
+            setattr(module, name, original)
+
+
+class _ExportableModel:
     """Mixin placed in front of HF's `LongformerModel` (and, with `_TraceableEncoder`, `LEDEncoder`): while an
-    exporter traces a model whose attention is all patched and no attention maps are asked for, HF's
-    `_pad_to_window_size` pads nothing (the patched attention takes any length; HF's padding rows would only be
-    cut off again), so the exported length may be dynamic. Eagerly and under `torch.compile`, HF's own padding."""
+    exporter traces it, HF's mask builders make the one row of the mask HF keeps, not `(B, 1, N, N)`, and, for a model
+    whose attention is all patched and when no attention maps are asked for, `_pad_to_window_size` pads nothing (the
+    patched attention takes any length; HF's padding rows would only be cut off again), so the exported length may
+    be dynamic. Eagerly and under `torch.compile`, HF's own forward."""
 
     _hf_class: type
     _hf_arg_names: tuple[str, ...]
@@ -138,7 +188,8 @@ class _UnpaddedWhenExported:
         call.update(kwargs)
         _UNPADDED.append(_all_fused(self) and not _wants_maps(self, call))
         try:
-            return super().forward(*args, **kwargs)
+            with _masks_without_query_rows():
+                return super().forward(*args, **kwargs)
         finally:
             _UNPADDED.pop()
 
@@ -152,7 +203,7 @@ class _UnpaddedWhenExported:
         return (0, *(call.get(name) for name in names if name != "pad_token_id"))
 
 
-class _TraceableLEDEncoder(_TraceableEncoder, _UnpaddedWhenExported):
+class _TraceableLEDEncoder(_TraceableEncoder, _ExportableModel):
     """`LEDEncoder`'s mixin: it reads the global flag and pads to the window both."""
 
 
@@ -167,7 +218,7 @@ def _patched_class(cls: type, mixin: type) -> type:
         names = tuple(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
         qualname = f"Fused{cls.__name__}"
         attrs = {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname}
-        if "forward" in vars(mixin):
+        if hasattr(mixin, "forward"):
             attrs["forward"] = _with_signature_of(mixin.forward, cls.forward)
         patched = type(
             cls.__name__,  # same name: accelerate's `no_split_modules` and HF's module lists match by name
@@ -245,8 +296,8 @@ def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
         if not isinstance(encoder, _TraceableEncoder):
             encoder.__class__ = _patched_class(type(encoder), _encoder_mixin(type(encoder)))
     for base in _encoder_modules(model, "model"):
-        if not isinstance(base, _UnpaddedWhenExported):
-            base.__class__ = _patched_class(type(base), _UnpaddedWhenExported)
+        if not isinstance(base, _ExportableModel):
+            base.__class__ = _patched_class(type(base), _ExportableModel)
     _quiet_padding_notice_when_traced()
     return model
 
@@ -261,7 +312,7 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
     for module in model.modules():
-        if isinstance(module, (_TraceableEncoder, _UnpaddedWhenExported)):
+        if isinstance(module, (_TraceableEncoder, _ExportableModel)):
             module.__class__ = type(module)._hf_class
     return model
 
@@ -301,7 +352,7 @@ def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
         setattr(importlib.import_module(module_name), name, _patched_class(cls, _encoder_mixin(cls)))
     for key, cls in _hf_classes("model").items():
         module_name, name = key.split(":")
-        setattr(importlib.import_module(module_name), name, _patched_class(cls, _UnpaddedWhenExported))
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _ExportableModel))
     _quiet_padding_notice_when_traced()
     return _ClassPatch()
 
