@@ -26,6 +26,7 @@ import torch
 
 import prefix_kernels as pk
 from prefix_kernels.attention import BACKEND_ORDER
+from prefix_kernels.cli.demo import expected_calibration_error  # the demo's binned ECE, (lo, hi] equal-width bins
 
 # task -> (HF dataset, config, text field, label field, split names (train, validation, test))
 TASKS = {
@@ -53,19 +54,6 @@ def f1_scores(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> dict[
     if num_classes == 2:
         out["binary_f1"] = f1[1]
     return out
-
-
-def expected_calibration_error(probs: torch.Tensor, gold: torch.Tensor, bins: int = 10) -> float:
-    """ECE of the top-class confidence, `probs (n, classes)`: sum over bins of |accuracy - confidence| * share."""
-    conf, pred = probs.max(dim=-1)
-    correct = (pred == gold).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            ece += inside.float().mean().item() * abs(correct[inside].mean().item() - conf[inside].mean().item())
-    return ece
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import torch
 
 from .core.checks import AttentionArgs, check_inputs
 from .core.custom_op import fused_attention, register_launchers
-from .core.static import is_exporting, static_attention
+from .core.static import static_attention
+from .core.tracing import is_exporting
 
 # `auto` order, fastest first, as measured (BENCHMARKS.md): on a GPU the Triton kernels ahead of the CUDA library;
 # on a CPU the `cpu` backend (block-batched matmuls) for fp32/bf16/fp16; `reference` (the readable statement of the
@@ -111,8 +112,8 @@ def _why_not(name: str, args: AttentionArgs) -> str | None:
     return module.cannot_serve(args)
 
 
-def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
-    """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
+def _choose(args: AttentionArgs, backend: str) -> tuple[str | None, str | None]:
+    """`(name, None)`: the backend that serves `args`; `(None, why)` when the named one, or every one, cannot."""
     forced = os.environ.get(ENV_VAR)
     if forced:
         if forced not in ("auto", *BACKEND_ORDER):
@@ -122,15 +123,29 @@ def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
     if backend != "auto":
         why = _why_not(backend, args)
         if why is not None:
-            raise ValueError(f"backend {backend!r} cannot serve this call: {why}")
-        return backend
+            return None, f"backend {backend!r} cannot serve this call: {why}"
+        return backend, None
     reasons = {}
     for name in BACKEND_ORDER:
         why = _auto_skip_reason(name) or _why_not(name, args)
         if why is None:
-            return name
+            return name, None
         reasons[name] = why
-    raise ValueError(f"no backend can serve this call: {reasons}")
+    return None, f"no backend can serve this call: {reasons}"
+
+
+def select_backend(args: AttentionArgs, backend: str = "auto") -> str:
+    """The backend that serves `args`; raises `ValueError` when an explicit one cannot."""
+    name, why = _choose(args, backend)
+    if name is None:
+        raise ValueError(why)
+    return name
+
+
+def serving_backend(args: AttentionArgs, backend: str = "auto") -> str | None:
+    """The backend `select_backend` picks for `args`, or `None` where it would raise (the named backend, or every
+    backend, cannot serve the call). A caller that can compute a feature itself asks before handing it to the op."""
+    return _choose(args, backend)[0]
 
 
 def resolve_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str = "auto") -> str:
@@ -155,8 +170,13 @@ def longformer_attention(
     v_global: torch.Tensor | None = None,
     prefix_k: torch.Tensor | None = None,
     prefix_v: torch.Tensor | None = None,
+    prefix_k_global: torch.Tensor | None = None,
+    prefix_v_global: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
+    prefix_normalization: str = "joint",
+    prefix_scale: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Longformer self-attention: sliding window + global tokens + prefix keys/values (semantics:
@@ -169,8 +189,14 @@ def longformer_attention(
         key_padding_mask: `(B, N)` bool, `True` = padding (output row 0, never attended).
         q_global, k_global, v_global: `(B, N, H, D)` global projections, required when any token is global.
         prefix_k, prefix_v: `(B, P, H, D)` or `(P, H, D)` prefix-tuning keys/values seen by every query.
+        prefix_k_global, prefix_v_global: the prefix keys/values global rows use, shaped as `prefix_k` (default:
+            the same as local rows).
         softmax_scale: defaults to `D ** -0.5`.
-        dropout_p: attention dropout on both probability matrices (pass 0 in eval).
+        dropout_p: attention dropout on every probability matrix (pass 0 in eval).
+        prefix_normalization: "joint" (the prefix keys in each row's one softmax) or "separate" (their own
+            softmax, added as `prefix_scale[h] * B`; needs prefix keys and `prefix_scale`).
+        prefix_scale: `()` or `(H,)` scale of the separately normalised prefix attention, differentiable.
+        document_ids: `(B, N)` integer, contiguous runs: windows and global tokens stay inside their document.
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env `PREFIX_KERNELS_BACKEND` overrides.
             `auto` takes the first backend that can serve the call, never Triton's interpreter.
 
@@ -179,7 +205,9 @@ def longformer_attention(
     """
     call = dict(window=window, is_global=is_global, key_padding_mask=key_padding_mask, q_global=q_global,
                 k_global=k_global, v_global=v_global, prefix_k=prefix_k, prefix_v=prefix_v,
-                softmax_scale=softmax_scale, dropout_p=dropout_p)
+                prefix_k_global=prefix_k_global, prefix_v_global=prefix_v_global, softmax_scale=softmax_scale,
+                dropout_p=dropout_p, prefix_normalization=prefix_normalization, prefix_scale=prefix_scale,
+                document_ids=document_ids)
     return _dispatch(q, k, v, call, backend)
 
 
@@ -195,6 +223,9 @@ def local_rows_attention(
     prefix_v: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
+    prefix_normalization: str = "joint",
+    prefix_scale: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The local rows of `longformer_attention` alone (internal: the patched HF module computes the global rows
@@ -208,7 +239,9 @@ def local_rows_attention(
         `(B, N, H, D)` in `q.dtype`; global, padding and key-less rows are 0.
     """
     call = dict(window=window, is_global=is_global, key_padding_mask=key_padding_mask, prefix_k=prefix_k,
-                prefix_v=prefix_v, softmax_scale=softmax_scale, dropout_p=dropout_p, local_rows_only=True)
+                prefix_v=prefix_v, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                prefix_normalization=prefix_normalization, prefix_scale=prefix_scale, document_ids=document_ids,
+                local_rows_only=True)
     return _dispatch(q, k, v, call, backend)
 
 

@@ -1,5 +1,8 @@
-"""The Triton kernels' dropout bits, two ways: an independent NumPy Philox4x32-10 of the documented scheme, and a
-small kernel that calls `triton_common._dropout_keep` (either form) so tests can compare the two.
+"""The fused backends' dropout masks, rebuilt from their documented schemes.
+
+The Triton kernels' bits, two ways: an independent NumPy Philox4x32-10 of the documented scheme, and a small kernel
+that calls `triton_common._dropout_keep` (either form) so tests can compare the two. The `cpu` backend's masks:
+`cpu_keep_masks`.
 
 Scheme (`_dropout_keep` in `prefix_kernels/backends/triton/common.py`): element (query `i`, key position `j`) of
 batch-head `bh` is kept when the uniform float of word `j % 4` of Philox4x32-10(key = seed, counter =
@@ -13,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from prefix_kernels.backends import cpu as cpu_attention
 from prefix_kernels.backends.triton import common as triton_common
+from prefix_kernels.core.masks import global_index
 
 _M32 = np.uint64(0xFFFFFFFF)
 
@@ -56,3 +61,36 @@ def kernel_keep(seed: int, bh: int, positions, dropout_p: float, *, tile=False, 
     cols = torch.as_tensor(list(positions), dtype=torch.int32, device=device)
     _keep_mask_kernel[(bh,)](out, cols, seed, dropout_p, len(cols), TILE=tile, BLOCK=block)
     return out.bool().cpu()
+
+
+def cpu_keep_masks(x, masks, window, p, seed):
+    """Dense `(B, H, N, N + P)` keep masks of the local and the global branch, rebuilt from the `cpu` backend's
+    documented scheme (`prefix_kernels/backends/cpu.py`): per group of blocks (in `_groups` order) one draw of
+    `(g, H, rows, Lt)` from the generator seeded with `seed`; per batch row one `(H, G, N + P)` draw for the global
+    rows from the one seeded with `seed + 1`."""
+    b, n, h, d = x["q"].shape
+    prefix = x["prefix_k"].shape[-3] if "prefix_k" in x else 0
+    gidx, gcnt, g = global_index(masks["is_global"])
+    plan = cpu_attention._plan(x["q"], window, g, prefix)
+    c, band = plan.block, plan.band
+    local = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
+    drops = cpu_attention._DropoutMasks(p, seed, torch.float32)
+    for bb, j0, j1, rows in cpu_attention._groups(plan):
+        keep = drops.next((j1 - j0, h, rows, plan.cols)).bool()
+        for jj, j in enumerate(range(j0, j1)):
+            pos = torch.arange(band) + j * c - window
+            inside = (pos >= 0) & (pos < n)
+            for r in range(rows):
+                i = j * c + r
+                local[bb, :, i, pos[inside]] = keep[jj, :, r, :band][:, inside]
+                for s in range(int(gcnt[bb]) if g else 0):  # a global key is attended through its global column
+                    local[bb, :, i, int(gidx[bb, s])] = keep[jj, :, r, band + s]
+                local[bb, :, i, n:] = keep[jj, :, r, band + g :]
+    glob = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
+    if g:
+        drops = cpu_attention._DropoutMasks(p, seed + 1, torch.float32)
+        for bb in range(b):
+            keep = drops.next((h, g, n + prefix)).bool()
+            for s in range(int(gcnt[bb])):
+                glob[bb, :, int(gidx[bb, s])] = keep[:, s]
+    return local, glob

@@ -1,10 +1,10 @@
-"""What the tests share: one input builder, the eight gradient names, the error rule against the reference, the
-check that an exported graph holds no `N x N` tensor, and where each backend runs here.
+"""What the tests share: one input builder, the names of the inputs that get a gradient, the error rule against the
+reference, the check that an exported graph holds no `N x N` tensor, and where each backend runs here.
 
 Imported as `from helpers import ...`: pytest's default ("prepend") import mode puts this directory on `sys.path`
 before it imports a test module from it, and `conftest.py` puts it there under any import mode.
 
-The error rule (`assert_matches_reference`): for the output and each of the eight input gradients, a fused backend's
+The error rule (`assert_matches_reference`): for the output and each input gradient, a fused backend's
 result must be finite (outputs are NaN-poisoned before the kernels run, see the `poison_outputs` fixture, so
 anything never written fails), present exactly where the reference's is, and within
 
@@ -21,17 +21,20 @@ import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import prefix_kernels as pk
+from prefix_kernels.core import reference
 from prefix_kernels.core.reference import dense_attention
 
 # The repository's root (`tests/` sits in it): the benchmarks and examples some tests run.
 ROOT = Path(__file__).resolve().parent.parent
 # The inputs of `longformer_attention` that get a gradient, in the order of the fused ops' backward.
-GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v")
+GRAD_NAMES = ("q", "k", "v", "q_global", "k_global", "v_global", "prefix_k", "prefix_v", "prefix_k_global",
+              "prefix_v_global", "prefix_scale")
 GLOBAL_NAMES = GRAD_NAMES[3:6]
 # atol of the error rule, relative to max(1, |reference|): covers the rounding of results whose PyTorch baseline
 # error happens to be ~0 (a few ulps of the dtype).
@@ -64,6 +67,9 @@ def make_inputs(
     empty_rows: Sequence[int] = (),
     mask_seed: int | None = None,
     requires_grad: bool = False,
+    prefix_global: bool = False,
+    prefix_scale: tuple[int, ...] | None = None,
+    documents: Sequence[int] | Mapping[int, Sequence[int]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Masks]:
     """Random inputs of `longformer_attention`: `(tensors, masks)`.
 
@@ -81,6 +87,11 @@ def make_inputs(
     * `pad`: an int, each row a random padded tail of up to that many tokens (never the whole row; 0 gives an
       all-False mask); `{row: positions}`, exactly those. `None`: no `key_padding_mask`.
     * `empty_rows`: rows made all padding and without global tokens (no query there has an admissible key).
+    * `documents`: the lengths of consecutive documents, the same in every row (what is left after the last one is
+      one more document), or `{row: lengths}`; gives `masks["document_ids"]` `(B, N)` int64.
+
+    `prefix_global`: also `prefix_k_global, prefix_v_global`, shaped as the prefix; `prefix_scale`: the shape, `()`
+    or `(H,)`, of a `prefix_scale` input (pass `prefix_normalization="separate"` to the call).
 
     Random masks come from a generator seeded with `mask_seed` (default `seed + 1`).
     """
@@ -94,6 +105,11 @@ def make_inputs(
         prefix_shape = (b, prefix, h, d) if batch_prefix else (prefix, h, d)
         for name in ("prefix_k", "prefix_v"):
             tensors[name] = torch.randn(*prefix_shape, generator=gen, dtype=torch.float64)
+    if prefix and prefix_global:
+        for name in ("prefix_k_global", "prefix_v_global"):
+            tensors[name] = torch.randn(*tensors["prefix_k"].shape, generator=gen, dtype=torch.float64)
+    if prefix_scale is not None:
+        tensors["prefix_scale"] = torch.randn(tuple(prefix_scale), generator=gen, dtype=torch.float64)
     if not global_projections:
         for name in GLOBAL_NAMES:
             del tensors[name]
@@ -121,7 +137,22 @@ def make_inputs(
         masks["is_global"] = is_global.to(device)
     if pad is not None or empty_rows:
         masks["key_padding_mask"] = padding.to(device)
+    if documents is not None:
+        masks["document_ids"] = _document_ids(b, n, documents).to(device)
     return tensors, masks
+
+
+def _document_ids(b: int, n: int, documents) -> torch.Tensor:
+    """`(B, N)` ids numbering consecutive runs of the given lengths (per row, or the same for every row)."""
+    ids = torch.zeros(b, n, dtype=torch.long)
+    for row in range(b):
+        lengths = documents.get(row, ()) if isinstance(documents, Mapping) else documents
+        start = 0
+        for doc, length in enumerate(lengths):
+            ids[row, start : start + length] = doc
+            start += length
+        ids[row, start:] = len(lengths)
+    return ids
 
 
 def _random_masks(is_global, pad, counts: tuple[int, int], pad_max: int, gen: torch.Generator) -> None:
@@ -159,12 +190,14 @@ def op(backend: str) -> Callable[..., torch.Tensor]:
 def run_with_grads(fn, inputs: Mapping[str, torch.Tensor], masks: Masks, window: int, dtype: torch.dtype,
                    grad_out: torch.Tensor, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """`fn(**inputs, **masks, window=window, **kwargs)` on fresh leaves cast to `dtype`: the output and the
-    gradients of the eight inputs in `GRAD_NAMES` order (`None` for an absent one) for the output gradient
+    gradients of the inputs in `GRAD_NAMES` order (`None` for an absent one) for the output gradient
     `grad_out` (moved to the output's device and dtype)."""
     leaves = {k: x.detach().to(dtype).requires_grad_() for k, x in inputs.items()}
     out = fn(**leaves, **masks, window=window, **kwargs)
-    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=out.device, dtype=out.dtype))
-    named = dict(zip(leaves, grads, strict=True))
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=out.device, dtype=out.dtype),
+                                allow_unused=True)
+    # An input the result does not depend on (the global rows' prefix without global tokens): a zero gradient.
+    named = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(leaves, grads, strict=True)}
     return out, [named.get(name) for name in GRAD_NAMES]
 
 
@@ -200,10 +233,22 @@ def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: float, msg: 
     torch.testing.assert_close(got, want, atol=tol * scale, rtol=0, msg=(lambda m: f"{msg}: {m}") if msg else None)
 
 
+def _fp32_masked_softmax(scores, allowed, _masked_softmax=reference.masked_softmax):
+    return _masked_softmax(scores.float(), allowed).to(scores.dtype)
+
+
+def dense_in_dtype(**kw):
+    """The same computation done by PyTorch in the input dtype: the dense reference with its matmuls in that
+    dtype and its softmax in fp32 (as Hugging Face's eager attention computes on a CPU)."""
+    with mock.patch.object(reference, "_compute_dtype", lambda dtype: dtype), \
+            mock.patch.object(reference, "masked_softmax", _fp32_masked_softmax):
+        return dense_attention(**kw)
+
+
 def check_against_reference(fn, inputs: Mapping[str, torch.Tensor], masks: Masks, window: int, dtype: torch.dtype,
                             grad_out: torch.Tensor, *, reference=dense_attention, baseline="auto",
                             atol: float | None = None, label: str = "", **kwargs):
-    """Runs `fn` (e.g. `op("triton")`) in `dtype` and holds its output and eight gradients to the error rule;
+    """Runs `fn` (e.g. `op("triton")`) in `dtype` and holds its output and gradients to the error rule;
     returns `(out, grads)`.
 
     The inputs and `grad_out` (moved to the inputs' device) are first rounded to `dtype`, so every computation

@@ -27,8 +27,9 @@ nothing. A local row always sees at least itself, so no live row is ever fully m
 
 Backward. Each group's scores and softmax are recomputed (every key of a row is in its block, so the softmax is
 one fused pass: cheaper than computing a log-sum-exp in the forward and `exp(s - lse)` here); `dS` comes from
-`torch._softmax_backward_data` in fp32 (fp32 probabilities and `rowsum(P * dP)`, rounded once); the softmax scale
-and the dropout scale are folded into the output gradient, so no pass over the scores multiplies by them.
+`torch._softmax_backward_data` in fp32 (fp32 probabilities, `rowsum(P * dP)` and the softmax scale in fp32, rounded
+once); the dropout scale is folded into the output gradient. In "separate" mode the text and the prefix columns
+each have their own softmax, the prefix part scaled by `prefix_scale[h]` (`_softmax_parts`, `_combined`).
 Band-key gradients are overlap-added (the windows of neighbouring blocks overlap by `2w`) into fp32 buffers;
 global-key and prefix gradients are summed over the blocks in fp32. `lse`, which the contract lets each backend
 define, is unused here: zeros.
@@ -87,11 +88,17 @@ class _Plan:
     num_global: int  # G: global-key columns (the largest per-row count)
     num_prefix: int  # P
     itemsize: int  # bytes per element of the compute dtype
+    separate: bool = False  # the prefix columns in their own softmax ("separate" prefix normalization)
 
     @property
     def band(self) -> int:
         """`L = c + 2w` band columns per block."""
         return self.block + 2 * self.window
+
+    @property
+    def text(self) -> int:
+        """`L + G`: the band and global-key columns, before the prefix columns."""
+        return self.band + self.num_global
 
     @property
     def cols(self) -> int:
@@ -104,10 +111,10 @@ class _Plan:
         return self.num_blocks * self.block + self.band
 
 
-def _plan(q: torch.Tensor, window: int, num_global: int, num_prefix: int) -> _Plan:
+def _plan(q: torch.Tensor, window: int, num_global: int, num_prefix: int, separate: bool = False) -> _Plan:
     b, n, h, d = q.shape
     c = max(1, min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, 2 * window), n))
-    return _Plan(b, n, h, d, window, c, -(-n // c), num_global, num_prefix, q.element_size())
+    return _Plan(b, n, h, d, window, c, -(-n // c), num_global, num_prefix, q.element_size(), separate)
 
 
 def _groups(plan: _Plan) -> Iterator[tuple[int, int, int, int]]:
@@ -130,9 +137,15 @@ class _Masks:
     dead: torch.Tensor | None  # (B, N) bool: rows whose local result is not the output (padding, global)
     global_rows: tuple[torch.Tensor, torch.Tensor] | None  # (batch index, position) of every used global slot
     global_valid: torch.Tensor | None  # (B, G) bool: slot g < global_count[b]
+    # Documents: `(B, nb, c, L + G)` bool, a live row and a column it may see share a document (True where either
+    # does not matter), and `(B, nb)` bool, the blocks where some pair does not (they straddle a boundary, or see a
+    # global key of another document): only those pay for the row-by-column mask.
+    doc_ok: torch.Tensor | None = None
+    doc_blocks: torch.Tensor | None = None
+    global_doc_ok: torch.Tensor | None = None  # (B, G, N) bool: global slot g and key j share a document
 
 
-def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
+def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, document_ids, dtype) -> _Masks:
     b, n, c, w, band, g = plan.batch, plan.n, plan.block, plan.window, plan.band, plan.num_global
     neg = torch.finfo(dtype).min / 4
     r = torch.arange(c)[:, None]
@@ -160,17 +173,45 @@ def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _M
         col_ok.append(global_valid[:, None, :].expand(b, plan.num_blocks, g))
     if plan.num_prefix:
         col_ok.append(torch.ones(b, plan.num_blocks, plan.num_prefix, dtype=torch.bool))
-    col_bias = torch.zeros(b, plan.num_blocks, plan.cols, dtype=dtype).masked_fill_(~torch.cat(col_ok, -1), neg)
-    return _Masks(band_bias, col_bias, dead, global_rows, global_valid)
+    col_ok = torch.cat(col_ok, -1)
+    col_bias = torch.zeros(b, plan.num_blocks, plan.cols, dtype=dtype).masked_fill_(~col_ok, neg)
+    masks = _Masks(band_bias, col_bias, dead, global_rows, global_valid)
+    if document_ids is not None:
+        _document_masks(plan, masks, document_ids.long(), col_ok[..., : plan.text], global_idx)
+    return masks
 
 
-def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, dtype) -> _Masks:
+def _document_masks(plan: _Plan, masks: _Masks, doc: torch.Tensor, col_ok: torch.Tensor, global_idx) -> None:
+    """Fills the document fields of `masks` from `doc (B, N)` ids; `col_ok (B, nb, L + G)`: the columns the other
+    masks keep."""
+    b, n, c, w, g = plan.batch, plan.n, plan.block, plan.window, plan.num_global
+    padded = torch.full((b, plan.padded_len), -1, dtype=torch.long)
+    padded[:, w : w + n] = doc
+    cols = [padded.unfold(1, plan.band, c)[:, : plan.num_blocks]]
+    if g:
+        cols.append(doc.gather(1, global_idx.long())[:, None, :].expand(b, plan.num_blocks, g))
+    cols = torch.cat(cols, -1)  # (B, nb, L + G)
+    rows = torch.full((b, plan.num_blocks * c), -1, dtype=torch.long)
+    rows[:, :n] = doc
+    live = torch.zeros(b, plan.num_blocks * c, dtype=torch.bool)
+    live[:, :n] = True if masks.dead is None else ~masks.dead
+    rows, live = rows.view(b, plan.num_blocks, c), live.view(b, plan.num_blocks, c)
+    ok = (rows[..., None] == cols[:, :, None, :]) | ~live[..., None] | ~col_ok[:, :, None, :]
+    masks.doc_ok = ok
+    masks.doc_blocks = ~ok.flatten(2).all(-1)
+    if g:
+        masks.global_doc_ok = doc.gather(1, global_idx.long())[:, :, None] == doc[:, None, :]
+
+
+def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, document_ids, dtype) -> _Masks:
     """`_masks`, reused while the same mask tensors come back unchanged (`core.masks`): every layer of a model and
-    every backward pass sees the same `key_padding_mask` and (from `core.masks.global_index`) the same global
-    index."""
-    sources = tuple(t for t in (key_padding_mask, global_idx, global_count) if t is not None)
-    return mask_cache.cached("cpu_masks", sources,
-                             lambda: _masks(plan, key_padding_mask, global_idx, global_count, dtype), key=(plan, dtype))
+    every backward pass sees the same `key_padding_mask`, `document_ids` and (from `core.masks.global_index`) the
+    same global index."""
+    sources = tuple(t for t in (key_padding_mask, global_idx, global_count, document_ids) if t is not None)
+    return mask_cache.cached(
+        "cpu_masks", sources,
+        lambda: _masks(plan, key_padding_mask, global_idx, global_count, document_ids, dtype),
+        key=(plan, dtype, document_ids is None))
 
 
 class _DropoutMasks:
@@ -191,10 +232,47 @@ class _DropoutMasks:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Local rows
+# Softmax, joint or separate
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _softmax_parts(s: torch.Tensor, text: int, separate: bool, dtype=None) -> list[torch.Tensor]:
+    """The softmax of scores `s (..., cols)` over all columns (`[P]`), or ("separate") over the first `text`
+    columns and over the rest, each on its own (`[A, B]`); in `dtype` (default the scores')."""
+    if not separate:
+        return [torch.softmax(s, dim=-1, dtype=dtype)]
+    return [torch.softmax(s[..., :text], dim=-1, dtype=dtype), torch.softmax(s[..., text:], dim=-1, dtype=dtype)]
+
+
+def _combined(parts: list[torch.Tensor], prefix_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The probabilities that multiply all columns' values: `P`, or `[A, prefix_scale[h] * B]` (heads at dim -3)."""
+    if len(parts) == 1:
+        return parts[0].to(dtype)
+    return torch.cat([parts[0], parts[1] * prefix_scale.to(parts[1].dtype).view(-1, 1, 1)], dim=-1).to(dtype)
+
+
+def _softmax_grad(dp: torch.Tensor, parts32: list[torch.Tensor], dtype: torch.dtype, scale: float,
+                  prefix_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The score gradient `dS = scale * P * (dP - rowsum(P * dP))` from the fp32 probabilities (`_softmax_parts`)
+    and `dP` taken to fp32 (the softmax `scale` applied there, in fp32), rounded to `dtype` once at the end
+    (FlashAttention's order: in 16 bits, rounding `P` or a scaled `dO` first would leave rows of `dS` that do not sum
+    to zero, which biases the gradients of the queries and keys). "Separate": per part, the prefix part scaled by
+    `prefix_scale[h]`; also returns `sum(B * dP)` per head `(H,)` (heads at dim -3), the prefix scale's gradient."""
+    dp = dp.float()
+    if len(parts32) == 1:
+        return torch._softmax_backward_data(dp, parts32[0], -1, torch.float32).mul_(scale).to(dtype), None
+    a, bp = parts32
+    text = a.shape[-1]
+    ds_text = torch._softmax_backward_data(dp[..., :text], a, -1, torch.float32).mul_(scale)
+    ds_prefix = torch._softmax_backward_data(dp[..., text:], bp, -1, torch.float32)
+    ds_prefix = ds_prefix * (prefix_scale.view(-1, 1, 1) * scale)
+    dscale = (bp * dp[..., text:]).sum(dim=(-1, -2))
+    return torch.cat([ds_text, ds_prefix], dim=-1).to(dtype), dscale.reshape(-1, dscale.shape[-1]).sum(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Local rows
+# ------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Keys:
     """One key/value source for the local rows: the padded band rows and the columns every block shares."""
@@ -236,7 +314,12 @@ def _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale):
     r0 = j0 * plan.block
     qb = q[b, r0 : r0 + (j1 - j0) * rows].view(j1 - j0, rows, plan.heads, plan.head_dim).transpose(1, 2)
     bias = masks.band_bias[:rows] + masks.col_bias[b, j0:j1, None, :]
-    return torch.add(bias[:, None], torch.matmul(qb, kb.transpose(-1, -2)), alpha=scale), qb
+    s = torch.add(bias[:, None], torch.matmul(qb, kb.transpose(-1, -2)), alpha=scale)
+    if masks.doc_blocks is not None and bool(masks.doc_blocks[b, j0:j1].any()):
+        # Only groups with a block across a document boundary (or a global key of another document) pay for this.
+        other = ~masks.doc_ok[b, j0:j1, None, :rows]
+        s[..., : plan.text].masked_fill_(other, torch.finfo(s.dtype).min / 4)
+    return s, qb
 
 
 def _rows_view(t: torch.Tensor, plan: _Plan, b: int, j0: int, j1: int, rows: int) -> torch.Tensor:
@@ -245,11 +328,11 @@ def _rows_view(t: torch.Tensor, plan: _Plan, b: int, j0: int, j1: int, rows: int
     return t[b, r0 : r0 + (j1 - j0) * rows].view(j1 - j0, rows, plan.heads, plan.head_dim)
 
 
-def _local_rows_forward(plan, masks, q, ks: _Keys, vs: _Keys, scale, drop, inv_keep, out) -> None:
+def _local_rows_forward(plan, masks, q, ks: _Keys, vs: _Keys, scale, drop, inv_keep, prefix_scale, out) -> None:
     for b, j0, j1, rows in _groups(plan):
         kb = _block_keys(plan, ks, b, j0, j1)
         s, _ = _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale)
-        probs = torch.softmax(s, dim=-1)
+        probs = _combined(_softmax_parts(s, plan.text, plan.separate), prefix_scale, s.dtype)
         del s
         if drop is not None:
             probs.mul_(drop.next(probs.shape))
@@ -270,34 +353,30 @@ def _fold_band(acc: torch.Tensor, part: torch.Tensor, plan: _Plan, j0: int) -> N
         rows[:, :m] += part[:, :, t0 : t0 + m].transpose(1, 2)
 
 
-def _softmax_grad(dp: torch.Tensor, probs32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`dS = P * (dP - rowsum(P * dP))` from the fp32 probabilities and `dP` taken to fp32, rounded to `dtype`
-    once at the end (FlashAttention's order): in 16 bits, rounding `P` first would leave rows of `dS` that do not sum
-    to zero, which biases the gradients of the queries and keys."""
-    return torch._softmax_backward_data(dp.float(), probs32, -1, torch.float32).to(dtype)
-
-
-def _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads) -> None:
-    """`go_v`: output gradient for dV (dead rows 0, times `1 / (1 - p)`); `go_s`: the same times `scale`.
-    Fills `grads["dq"]` rows and accumulates into the fp32 buffers `dk_pad, dv_pad, dk_shared, dv_shared`."""
+def _local_rows_backward(plan, masks, q, ks, vs, go_v, scale, drop, prefix_scale, grads) -> None:
+    """`go_v`: output gradient (dead rows 0, times `1 / (1 - p)`).
+    Fills `grads["dq"]` rows and accumulates into the fp32 buffers `dk_pad, dv_pad, dk_shared, dv_shared` (and,
+    "separate", `dscale`)."""
     band = plan.band
     for b, j0, j1, rows in _groups(plan):
         kb = _block_keys(plan, ks, b, j0, j1)
         vb = _block_keys(plan, vs, b, j0, j1)
         s, qb = _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale)
-        probs32 = torch.softmax(s, dim=-1, dtype=torch.float32)
-        probs = probs32.to(s.dtype)
+        parts32 = _softmax_parts(s, plan.text, plan.separate, torch.float32)
+        probs = _combined(parts32, prefix_scale, s.dtype)
         del s
         keep = drop.next(probs.shape) if drop is not None else None
         kept = probs if keep is None else probs * keep
         gv = _rows_view(go_v, plan, b, j0, j1, rows).transpose(1, 2)
         dvb = torch.matmul(kept.transpose(-1, -2), gv)
         del kept
-        dp = torch.matmul(_rows_view(go_s, plan, b, j0, j1, rows).transpose(1, 2), vb.transpose(-1, -2))
+        dp = torch.matmul(gv, vb.transpose(-1, -2))
         if keep is not None:
             dp.mul_(keep)
-        ds = _softmax_grad(dp, probs32, probs.dtype)
-        del dp, probs, probs32
+        ds, dscale = _softmax_grad(dp, parts32, probs.dtype, scale, prefix_scale)
+        if dscale is not None:
+            grads["dscale"] += dscale
+        del dp, probs, parts32
         _rows_view(grads["dq"], plan, b, j0, j1, rows).copy_(torch.matmul(ds, kb).transpose(1, 2))
         dkb = torch.matmul(ds.transpose(-1, -2), qb)
         del ds
@@ -320,9 +399,10 @@ class _GlobalRows:
     qsel: torch.Tensor  # (B, G, H, D): q_global at each row's global positions (unused slots: any row)
     k: torch.Tensor  # (B, N, H, D) k_global
     v: torch.Tensor  # (B, N, H, D) v_global
-    prefix_k: torch.Tensor | None  # (B, P, H, D)
+    prefix_k: torch.Tensor | None  # (B, P, H, D): the prefix keys of the global rows
     prefix_v: torch.Tensor | None
     key_padding_mask: torch.Tensor | None  # (B, N)
+    doc_ok: torch.Tensor | None  # (B, G, N): slot and key share a document
     counts: list[int]  # used slots per batch row
 
     def queries(self, b: int) -> torch.Tensor:
@@ -335,33 +415,37 @@ class _GlobalRows:
         return view if view.dtype == torch.float32 else view.contiguous()
 
 
-def _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+def _global_rows(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
                  global_count) -> _GlobalRows:
     idx = global_idx.long()[:, :, None, None].expand(-1, -1, plan.heads, plan.head_dim)
     return _GlobalRows(torch.gather(q_global, 1, idx), k_global, v_global, prefix_k, prefix_v, key_padding_mask,
-                       global_count.tolist())
+                       masks.global_doc_ok, global_count.tolist())
 
 
-def _global_probs(plan, gr: _GlobalRows, b: int, scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Softmax `(H, G, N + P)` of batch row `b`'s global queries over its keys (padding masked), then the prefix;
-    in `dtype` (default the scores' dtype)."""
+def _global_scores(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
+    """Scaled scores `(H, G, N + P)` of batch row `b`'s global queries: its keys (padding and other documents
+    masked), then the prefix."""
     qs = gr.queries(b)
     s = torch.bmm(qs, gr.keys(b, gr.k).transpose(1, 2))
     if gr.prefix_k is not None:
         s = torch.cat([s, torch.bmm(qs, gr.prefix_k[b].transpose(0, 1).transpose(1, 2))], -1)
+    neg = torch.finfo(s.dtype).min / 4
     if gr.key_padding_mask is not None:
         bias = torch.zeros(plan.n + plan.num_prefix, dtype=s.dtype)
-        bias[: plan.n].masked_fill_(gr.key_padding_mask[b], torch.finfo(s.dtype).min / 4)
+        bias[: plan.n].masked_fill_(gr.key_padding_mask[b], neg)
         s = torch.add(bias, s, alpha=scale)
     else:
         s = s.mul_(scale)
-    return torch.softmax(s, dim=-1, dtype=dtype)
+    if gr.doc_ok is not None:
+        s[..., : plan.n].masked_fill_(~gr.doc_ok[b], neg)
+    return s
 
 
-def _global_rows_forward(plan, gr: _GlobalRows, global_idx, scale, drop, inv_keep, out) -> None:
+def _global_rows_forward(plan, gr: _GlobalRows, global_idx, scale, drop, inv_keep, prefix_scale, out) -> None:
     n = plan.n
     for b in range(plan.batch):
-        probs = _global_probs(plan, gr, b, scale)
+        s = _global_scores(plan, gr, b, scale)
+        probs = _combined(_softmax_parts(s, n, plan.separate), prefix_scale, s.dtype)
         if drop is not None:
             probs.mul_(drop.next(probs.shape))
         o = torch.bmm(probs[..., :n], gr.v[b].transpose(0, 1))  # (H, G, D)
@@ -373,9 +457,11 @@ def _global_rows_forward(plan, gr: _GlobalRows, global_idx, scale, drop, inv_kee
         out[b, global_idx[b, :cnt].long()] = o[:, :cnt].transpose(0, 1)
 
 
-def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, drop, inv_keep, grads) -> None:
+def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, drop, inv_keep, prefix_scale,
+                          grads) -> None:
     """Writes `grads["dq_g"]` (zeros but the global rows), `grads["dk_g"], grads["dv_g"]` `(B, N, H, D)` and adds
-    the prefix gradients into the fp32 `grads["dk_prefix"], grads["dv_prefix"]` `(B, H, P, D)`."""
+    the prefix gradients into the fp32 `grads["dk_prefix"], grads["dv_prefix"]` `(B, H, P, D)` (and, "separate",
+    the prefix scale's into `grads["dscale"]`)."""
     n, g = plan.n, plan.num_global
     for b in range(plan.batch):
         cnt = gr.counts[b]
@@ -383,21 +469,24 @@ def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, dr
         go = grad_out.new_zeros(plan.heads, g, plan.head_dim)  # unused slots: zero gradient
         go[:, :cnt] = grad_out[b, rows].transpose(0, 1)
         qs = gr.queries(b)
-        probs32 = _global_probs(plan, gr, b, scale, torch.float32)
-        probs = probs32.to(qs.dtype)
+        s = _global_scores(plan, gr, b, scale)
+        parts32 = _softmax_parts(s, n, plan.separate, torch.float32)
+        probs = _combined(parts32, prefix_scale, qs.dtype)
+        del s
         keep = drop.next(probs.shape) if drop is not None else None
         kept = probs if keep is None else probs * keep
         go_v = go * inv_keep
-        go_s = go * (inv_keep * scale)
         # dK, dV of every key are outer products over the G slots: written straight into the (N, H, D) layout.
         torch.bmm(kept[..., :n].transpose(1, 2), go_v, out=grads["dv_g"][b].transpose(0, 1))
-        dp = torch.bmm(go_s, gr.keys(b, gr.v).transpose(1, 2))
+        dp = torch.bmm(go_v, gr.keys(b, gr.v).transpose(1, 2))
         if gr.prefix_v is not None:
             grads["dv_prefix"][b] += torch.bmm(kept[..., n:].transpose(1, 2), go_v)
-            dp = torch.cat([dp, torch.bmm(go_s, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
+            dp = torch.cat([dp, torch.bmm(go_v, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
         if keep is not None:
             dp.mul_(keep)
-        ds = _softmax_grad(dp, probs32, probs.dtype)
+        ds, dscale = _softmax_grad(dp, parts32, probs.dtype, scale, prefix_scale)
+        if dscale is not None:
+            grads["dscale"] += dscale
         dq = torch.bmm(ds[..., :n], gr.k[b].transpose(0, 1))
         torch.bmm(ds[..., :n].transpose(1, 2), qs, out=grads["dk_g"][b].transpose(0, 1))
         if gr.prefix_k is not None:
@@ -419,71 +508,82 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _lse(b: int, h: int, n: int, separate: bool) -> torch.Tensor:
+    """The contract's `lse`, unused by this backend: zeros of the shape the custom op declares."""
+    return torch.zeros((2, b, h, n) if separate else (b, h, n), dtype=torch.float32)
+
+
 def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
-            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
-    """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (unused by this backend: zeros)."""
+            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int, prefix_k_global=None,
+            prefix_v_global=None, prefix_scale=None, document_ids=None):
+    """Returns `out (B, N, H, D)` in `q.dtype` and `lse` fp32 (unused by this backend: zeros)."""
     b, n, h, d = q.shape
     dtype = q.dtype
-    lse = torch.zeros(b, h, n, dtype=torch.float32)
+    separate = prefix_scale is not None
+    lse = _lse(b, h, n, separate)
     if n == 0:
         return new_output(q.shape, dtype), lse
     cdt = _compute_dtype(dtype)
     with torch.autocast("cpu", enabled=False):
-        q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
-            _cast(t, cdt) for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+        q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global, prefix_v_global = (
+            _cast(t, cdt) for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global,
+                                    prefix_v_global))
         g = max_global if global_idx is not None else 0
-        plan = _plan(q, window, g, 0 if prefix_k is None else prefix_k.shape[1])
-        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
+        plan = _plan(q, window, g, 0 if prefix_k is None else prefix_k.shape[1], separate)
+        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, document_ids, cdt)
         inv_keep = 1.0 / (1.0 - dropout_p)
         out = new_output((b, n, h, d), cdt)
         drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
         ks = _local_keys(plan, k, prefix_k, global_idx)
         vs = _local_keys(plan, v, prefix_v, global_idx)
-        _local_rows_forward(plan, masks, q, ks, vs, scale, drop, inv_keep, out)
+        _local_rows_forward(plan, masks, q, ks, vs, scale, drop, inv_keep, prefix_scale, out)
         if masks.dead is not None:
             out.masked_fill_(masks.dead[:, :, None, None], 0.0)
         if g and q_global is not None:  # without the global projections the global rows stay 0 (local rows only)
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
-            gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+            pk, pv = (prefix_k, prefix_v) if prefix_k_global is None else (prefix_k_global, prefix_v_global)
+            gr = _global_rows(plan, masks, q_global, k_global, v_global, pk, pv, key_padding_mask, global_idx,
                               global_count)
-            _global_rows_forward(plan, gr, global_idx, scale, drop, inv_keep, out)
+            _global_rows_forward(plan, gr, global_idx, scale, drop, inv_keep, prefix_scale, out)
     return out.to(dtype), lse
 
 
 def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
-             global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
-    """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
+             global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int,
+             prefix_k_global=None, prefix_v_global=None, prefix_scale=None, document_ids=None):
+    """Returns the gradients of `q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global,
+    prefix_v_global, prefix_scale`, `None` where the input is."""
     b, n, h, d = q.shape
     dtype = q.dtype
-    has_prefix = prefix_k is not None
+    inputs = (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global, prefix_v_global)
+    separate = prefix_scale is not None
     if n == 0:
-        zeros = [None if t is None else torch.zeros(t.shape, dtype=dtype)
-                 for t in (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v)]
+        zeros = [None if t is None else torch.zeros(t.shape, dtype=t.dtype) for t in (*inputs, prefix_scale)]
         return tuple(zeros)
     cdt = _compute_dtype(dtype)
     with torch.autocast("cpu", enabled=False):
-        grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = (
-            _cast(t, cdt) for t in (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+        grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global, prefix_v_global = (
+            _cast(t, cdt) for t in (grad_out, *inputs))
         g = max_global if global_idx is not None else 0
-        p = prefix_k.shape[1] if has_prefix else 0
-        plan = _plan(q, window, g, p)
-        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, cdt)
+        p = prefix_k.shape[1] if prefix_k is not None else 0
+        plan = _plan(q, window, g, p, separate)
+        masks = _cached_masks(plan, key_padding_mask, global_idx, global_count, document_ids, cdt)
         inv_keep = 1.0 / (1.0 - dropout_p)
         go = grad_out if masks.dead is None else grad_out.masked_fill(masks.dead[:, :, None, None], 0.0)
         go_v = go * inv_keep if dropout_p > 0 else go
-        go_s = go * (inv_keep * scale)
         grads = {
             "dq": new_output((b, n, h, d), cdt),
             "dk_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
             "dv_pad": torch.zeros(b, plan.padded_len, h, d, dtype=torch.float32),
             "dk_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
             "dv_shared": torch.zeros(b, h, g + p, d, dtype=torch.float32),
+            "dscale": torch.zeros(h, dtype=torch.float32),
         }
         drop = _DropoutMasks(dropout_p, seed, cdt) if dropout_p > 0 else None
         ks = _local_keys(plan, k, prefix_k, global_idx)
         vs = _local_keys(plan, v, prefix_v, global_idx)
-        _local_rows_backward(plan, masks, q, ks, vs, go_v, go_s, scale, drop, grads)
-        del ks, vs, go_v, go_s
+        _local_rows_backward(plan, masks, q, ks, vs, go_v, scale, drop, prefix_scale, grads)
+        del ks, vs, go_v
         dk = grads["dk_pad"][:, window : window + n]
         dv = grads["dv_pad"][:, window : window + n]
         if g:
@@ -492,22 +592,28 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
             dk.index_put_(rows, grads["dk_shared"][:, :, :g].transpose(1, 2), accumulate=True)
             dv.index_put_(rows, grads["dv_shared"][:, :, :g].transpose(1, 2), accumulate=True)
         dq_g = dk_g = dv_g = None
+        dpk_g = dpv_g = None
+        if prefix_k_global is not None:  # the global rows' own prefix keys: their gradients apart
+            dpk_g, dpv_g = (torch.zeros(b, h, p, d, dtype=torch.float32) for _ in range(2))
         if g and q_global is not None:
             drop = _DropoutMasks(dropout_p, seed + 1, cdt) if dropout_p > 0 else None
-            gr = _global_rows(plan, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+            pk, pv = (prefix_k, prefix_v) if prefix_k_global is None else (prefix_k_global, prefix_v_global)
+            gr = _global_rows(plan, masks, q_global, k_global, v_global, pk, pv, key_padding_mask, global_idx,
                               global_count)
             grads.update(dq_g=torch.zeros(b, n, h, d, dtype=cdt), dk_g=new_output((b, n, h, d), cdt),
-                         dv_g=new_output((b, n, h, d), cdt), dk_prefix=grads["dk_shared"][:, :, g:],
-                         dv_prefix=grads["dv_shared"][:, :, g:])
-            _global_rows_backward(plan, gr, global_idx, grad_out, scale, drop, inv_keep, grads)
+                         dv_g=new_output((b, n, h, d), cdt),
+                         dk_prefix=grads["dk_shared"][:, :, g:] if dpk_g is None else dpk_g,
+                         dv_prefix=grads["dv_shared"][:, :, g:] if dpv_g is None else dpv_g)
+            _global_rows_backward(plan, gr, global_idx, grad_out, scale, drop, inv_keep, prefix_scale, grads)
             dq_g, dk_g, dv_g = grads["dq_g"], grads["dk_g"], grads["dv_g"]
         elif q_global is not None:
             dq_g, dk_g, dv_g = (torch.zeros(b, n, h, d, dtype=cdt) for _ in range(3))
-        dpk = grads["dk_shared"][:, :, g:] if has_prefix else None
-        dpv = grads["dv_shared"][:, :, g:] if has_prefix else None
-    grads_out = [grads["dq"], dk, dv, dq_g, dk_g, dv_g,
-                 None if dpk is None else dpk.transpose(1, 2), None if dpv is None else dpv.transpose(1, 2)]
-    return tuple(None if t is None else t.to(dtype).contiguous() for t in grads_out)
+        dpk = grads["dk_shared"][:, :, g:] if p else None
+        dpv = grads["dv_shared"][:, :, g:] if p else None
+    dscale = grads["dscale"].to(prefix_scale.dtype) if separate else None
+    grads_out = [grads["dq"], dk, dv, dq_g, dk_g, dv_g, *(None if t is None else t.transpose(1, 2)
+                                                           for t in (dpk, dpv, dpk_g, dpv_g))]
+    return (*(None if t is None else t.to(dtype).contiguous() for t in grads_out), dscale)
 
 
 # ------------------------------------------------------------------------------------------------------------

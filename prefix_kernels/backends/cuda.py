@@ -180,6 +180,8 @@ def unavailable_reason() -> str | None:
 
 def cannot_serve(args: AttentionArgs) -> str | None:
     # properties of the call first (testable without a GPU), then the device
+    if args.features:
+        return f"{', '.join(args.features)} not implemented in the CUDA library"
     if args.local_rows_only:
         # The library's launchers take the global index only together with the global projections (without them
         # the global tokens would be treated as band keys).

@@ -1,11 +1,13 @@
 """`python -m prefix_kernels demo`: prefix-propagation (or prefix-tuning) on a synthetic long-document task,
-trained once with `longformer_attention` and once with Hugging Face's own attention, side by side.
+trained once with `longformer_attention` and once with Hugging Face's own attention, side by side; each run's
+accuracy with its expected calibration error.
 
 The task: each document holds three cue tokens, one in each third, far more than a window apart; the label
 says whether most of them are the "positive" cue. No local window sees two cues, so the answer has to be
 gathered by global tokens (the prefix slots, or `<s>`). The backbone is random and frozen; only the prefix and
 the classification head learn. With no arguments it builds a small random model (no download) and finishes in
-well under two minutes on two CPU cores.
+well under two minutes on two CPU cores. `--prefix-attention separate` (with `--kernel`) runs the paper's
+kernel-attention variant, which HF's attention cannot compute (no HF run then).
 """
 
 from __future__ import annotations
@@ -101,23 +103,41 @@ def build_model(args) -> torch.nn.Module:
     return tiny_classifier(args.seq_len + args.num_prefix, vocab=args.vocab, init_range=args.init_range)
 
 
-def accuracy(model, data: dict[str, torch.Tensor], batch_size: int) -> float:
+def expected_calibration_error(probs: torch.Tensor, gold: torch.Tensor, bins: int = 10) -> float:
+    """ECE of the top-class confidence, `probs (n, classes)`, over `bins` equal-width bins `(lo, hi]`: the sum over
+    bins of |accuracy - mean confidence| times the bin's share of the data."""
+    conf, pred = probs.float().max(dim=-1)
+    correct = (pred == gold).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.float().mean().item() * abs(correct[inside].mean().item() - conf[inside].mean().item())
+    return ece
+
+
+@torch.no_grad()
+def evaluate(model, data: dict[str, torch.Tensor], batch_size: int) -> tuple[float, float]:
+    """Accuracy and expected calibration error (10 bins) on `data`."""
     model.eval()
-    correct = 0
+    probs = []
     n = len(data["labels"])
     for i in range(0, n, batch_size):
         batch = {k: v[i : i + batch_size] for k, v in data.items() if k != "labels"}
-        correct += (model(**batch).logits.argmax(-1) == data["labels"][i : i + batch_size]).sum().item()
-    return correct / n
+        probs.append(model(**batch).logits.float().softmax(-1).cpu())
+    probs, gold = torch.cat(probs), data["labels"].cpu()
+    return (probs.argmax(-1) == gold).float().mean().item(), expected_calibration_error(probs, gold)
 
 
 def train_run(label: str, model, train, test, args, device) -> dict:
-    """Accuracy before, training with a progress bar, accuracy after, tokens/s and one step's peak memory."""
+    """Accuracy before, training with a progress bar, accuracy and calibration error after, tokens/s and one step's
+    peak memory."""
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     model.to(device)
-    before = accuracy(model, test, args.batch_size)
+    before, _ = evaluate(model, test, args.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, max(1, args.steps // 10), args.steps)
@@ -151,8 +171,9 @@ def train_run(label: str, model, train, test, args, device) -> dict:
         tokens += batch["input_ids"].numel()
         bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
-    after = accuracy(model, test, args.batch_size)
-    return {"label": label, "before": before, "after": after, "tok_s": tokens / max(seconds, 1e-9), "peak": mem.peak}
+    after, ece = evaluate(model, test, args.batch_size)
+    return {"label": label, "before": before, "after": after, "ece": ece, "tok_s": tokens / max(seconds, 1e-9),
+            "peak": mem.peak}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,6 +182,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="HF model name or path (default: a small random Longformer)")
     parser.add_argument("--method", choices=("propagation", "tuning"), default="propagation",
                         help="prefix-propagation (the paper's method) or prefix-tuning")
+    parser.add_argument("--prefix-attention", choices=("joint", "separate"), default="joint",
+                        help="the prefix inside each row's softmax, or normalised on its own by --kernel and added "
+                             "with a learned scale per layer (the paper's kernel attention)")
+    parser.add_argument("--kernel", choices=("exp", "rbf", "poly"), default=None,
+                        help="the kernel of --prefix-attention separate (default there: exp)")
+    parser.add_argument("--kernel-scale", choices=("scalar", "head"), default=None,
+                        help="one scale per layer, or per layer and head (--prefix-attention separate; default "
+                             "scalar)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per document (at least 12)")
     parser.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (at least 2)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="documents per step")
@@ -184,6 +213,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--seq-len must be at least 12 (three cues), got {args.seq_len}")
     if args.vocab <= FILLER:
         parser.error(f"--vocab must be at least {FILLER + 1} ({FILLER} special tokens and a filler), got {args.vocab}")
+    if args.prefix_attention == "joint":
+        given = [f"--{name.replace('_', '-')}" for name in ("kernel", "kernel_scale") if getattr(args, name)]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --prefix-attention separate")
     if args.backend != "auto":
         why = available_backends()[args.backend]
         if why is not None:
@@ -212,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     backend = resolve_backend(device, torch.float32, args.backend)
     apply = apply_prefix_propagation if args.method == "propagation" else apply_prefix_tuning
     extra = {"pool_prefix": True} if args.method == "propagation" else {}
+    attention = ""
+    if args.prefix_attention == "separate":
+        extra.update(prefix_attention="separate", kernel=args.kernel, kernel_scale=args.kernel_scale)
+        kernel, scale = args.kernel or "exp", args.kernel_scale or "scalar"
+        attention = f" (prefix attention separate, kernel {kernel}, scale {scale})"
     print(
-        f"prefix-{args.method}, P={args.num_prefix}, {type(base).__name__} "
+        f"prefix-{args.method}{attention}, P={args.num_prefix}, {type(base).__name__} "
         f"({sum(p.numel() for p in base.parameters()):,} parameters, frozen), seq len {args.seq_len}, "
         f"batch {args.batch_size}, {args.steps} steps on {device}; backend {args.backend!r} -> {backend!r}"
     )
@@ -233,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     elif args.method == "tuning":
         print("(HF's attention has no prefix keys/values: no HF run for prefix-tuning)")
+    elif args.prefix_attention == "separate":
+        print("(HF's attention has no separately normalised prefix: no HF run with --prefix-attention separate)")
     else:
         torch.manual_seed(args.seed)
         model = copy.deepcopy(base)
@@ -241,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(train_run("HF attention", model, train, test, args, device))
 
     width = max(len(r["label"]) for r in runs)
-    print(f"{'':<{width}}  acc before  acc after     tokens/s  peak memory (1 step)")
+    print(f"{'':<{width}}  acc before  acc after  ECE after     tokens/s  peak memory (1 step)")
     for r in runs:
         print(
-            f"{r['label']:<{width}}  {r['before']:>9.1%}  {r['after']:>9.1%}  {r['tok_s']:>11,.0f}"
+            f"{r['label']:<{width}}  {r['before']:>9.1%}  {r['after']:>9.1%}  {r['ece']:>9.4f}  {r['tok_s']:>11,.0f}"
             f"  {r['peak'] / 2**20:>10.1f} MiB"
         )
     return 0

@@ -36,18 +36,6 @@ import torch.nn.functional as F
 from .checks import AttentionArgs
 
 
-def is_exporting() -> bool:
-    """Whether an exporter is tracing: `torch.export` (and ONNX `dynamo=True`, built on it) sets
-    `torch.compiler.is_exporting()`; the legacy TorchScript-based ONNX exporter sets `torch.onnx.is_in_onnx_export()`.
-    """
-    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
-    if exporting is not None and exporting():
-        return True
-    if torch.compiler.is_compiling():  # torch.compile: nothing to ask torch.onnx (and keep it out of the trace)
-        return False
-    return torch.onnx.is_in_onnx_export()
-
-
 def block_size(window: int) -> int:
     """The default query block `c` for a one-sided window `w`: `w / 2` from `w = 64` (then `c + 2w` keys per block
     are `2.5 w`), else 32 (small windows: one block on each side)."""

@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..attention import check_backend_name
 from ..core.masks import one_forward_pass
-from ..core.static import is_exporting
+from ..core.tracing import is_exporting
 from .self_attention import _FusedSelfAttention, run_build_checks
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patch_longformer_classes", "unpatch_longformer_classes"]
@@ -308,7 +308,8 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
         if not isinstance(module, _FusedSelfAttention):
             continue
         if getattr(module, "_prefix_kernels_prefix", None) is not None:
-            raise ValueError("this model uses prefix-tuning, which HF's attention cannot compute; keep it patched")
+            raise ValueError("this model uses prefix-tuning or a prefix with prefix_attention='separate', which HF's "
+                             "attention cannot compute; keep it patched")
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
     for module in model.modules():

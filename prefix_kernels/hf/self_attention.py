@@ -4,7 +4,9 @@
 `_FusedSelfAttention` is the mixin `hf/patching.py` places in front of an HF class; its `forward` binds HF's call and
 routes it (`fused_self_attention`):
 
-* `output_attentions=True` needs HF's probability layouts: HF's own forward serves that call;
+* `output_attentions=True` needs HF's probability layouts: HF's own forward serves that call (a prefix the layouts
+  have no place for, prefix-tuning's keys or a separately normalised prefix, raises `ValueError`);
+* a separately normalised prefix (`prefix_attention="separate"`, `prefix_attention.py`): `_separate_self_attention`;
 * with global tokens, run eagerly, at most `D / 2` global tokens per row and `key_global` / `value_global` plain
   `nn.Linear` layers: the global rows from the hidden states (`core/global_rows.py`) and the op's local rows;
 * else the global projections and `longformer_attention` (which itself routes export and compile, see
@@ -23,10 +25,12 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_mod
 
-from ..attention import local_rows_attention, longformer_attention
+from ..attention import local_rows_attention, longformer_attention, serving_backend
+from ..core.checks import check_inputs
 from ..core.global_rows import global_rows_from_hidden, pays
-from ..core.masks import global_index, global_without_padding
-from ..core.static import is_exporting
+from ..core.masks import cached, global_index, global_without_padding
+from ..core.tracing import is_exporting
+from .prefix_attention import SeparatePrefix, add_prefix_rows, slot_rows
 
 # Called with `(config, model_or_None)` when a patched attention module is built (once per model) and when a model
 # is patched: the prefix layer registers its check that a checkpoint's prefix was not dropped.
@@ -42,8 +46,10 @@ class _FusedSelfAttention:
     """Mixin placed in front of an HF self-attention class; `super().forward` is the original HF forward.
 
     Instance attributes (plain, never parameters or buffers):
-    `_prefix_kernels_backend` (str) and `_prefix_kernels_prefix` (an object whose `key_values(like)` returns
-    this layer's prefix-tuning keys/values `(P, H, D)` in `like`'s dtype; set by `apply_prefix_tuning`).
+    `_prefix_kernels_backend` (str) and `_prefix_kernels_prefix`, set by the prefix methods: an object whose
+    `key_values(like)` returns this layer's prefix-tuning keys/values `(P, H, D)` in `like`'s dtype, and optionally
+    `separate()` (a `SeparatePrefix`, or `None` for the joint softmax) and `slots` (prefix-propagation with a
+    separate prefix: the first `slots` positions are its slots, which leave every softmax; 0 for prefix-tuning).
     """
 
     _hf_class: type
@@ -62,6 +68,11 @@ class _FusedSelfAttention:
         call.update(kwargs)
         prefix = getattr(self, "_prefix_kernels_prefix", None)
         if call.get("output_attentions"):
+            if prefix is not None and _separate(prefix) is not None:
+                raise ValueError(
+                    "output_attentions=True is not supported with prefix_attention='separate': HF's attention "
+                    "layouts have no place for a separately normalised prefix"
+                )
             if prefix is not None:
                 raise ValueError(
                     "output_attentions=True is not supported with prefix-tuning: HF's attention layout has no "
@@ -112,8 +123,13 @@ def fused_self_attention(
 
     q, k, v = heads(module.query), heads(module.key), heads(module.value)
     glob = is_index_global_attn if is_global_attn else None
+    backend = getattr(module, "_prefix_kernels_backend", "auto")
     prefix_k = prefix_v = None
     prefix = getattr(module, "_prefix_kernels_prefix", None)
+    spec = None if prefix is None else _separate(prefix)
+    if spec is not None:
+        out = _separate_self_attention(module, hidden_states, q, k, v, glob, is_index_masked, prefix, spec, backend)
+        return _scale_heads(out, layer_head_mask).reshape(b, n, c)
     if prefix is not None:
         prefix_k, prefix_v = prefix.key_values(q)
     kwargs = dict(
@@ -124,7 +140,6 @@ def fused_self_attention(
         softmax_scale=d**-0.5,
         dropout_p=float(module.dropout) if module.training else 0.0,
     )
-    backend = getattr(module, "_prefix_kernels_backend", "auto")
     index = _direct_global_rows_index(module, glob, is_index_masked) if not output_attentions else None
     if index is not None:
         idx, counts, g = index
@@ -147,6 +162,91 @@ def fused_self_attention(
     out = longformer_attention(q, k, v, is_global=glob, q_global=qg, k_global=kg, v_global=vg, **kwargs,
                                backend=backend)
     return _scale_heads(out, layer_head_mask).reshape(b, n, c)
+
+
+def _separate(prefix) -> SeparatePrefix | None:
+    """The layer's separately normalised prefix, or `None` (the joint softmax; also for an object without
+    `separate`)."""
+    separate = getattr(prefix, "separate", None)
+    return None if separate is None else separate()
+
+
+_SEPARATE_KEYS = ("prefix_k", "prefix_v", "prefix_k_global", "prefix_v_global", "prefix_normalization",
+                  "prefix_scale")
+
+
+def _separate_in_the_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict, backend: str) -> bool:
+    """Whether the op computes the "exp" prefix itself (its `prefix_normalization="separate"`): not while an exporter
+    traces (the export formulation has no separate prefix), and only where the backend that serves the call is the
+    one that serves it without the prefix. A backend that declines the feature (the Triton kernels for now, the CUDA
+    library) would otherwise hand the whole call to a slower one, or (named explicitly) fail: the prefix is then
+    computed beside the op instead, with the same semantics, and the op serves the rest."""
+    if is_exporting():
+        return False
+    with_prefix = serving_backend(check_inputs(q, k, v, **call), backend)
+    plain = {key: value for key, value in call.items() if key not in _SEPARATE_KEYS}
+    return with_prefix is not None and with_prefix == serving_backend(check_inputs(q, k, v, **plain), backend)
+
+
+def _text_part(mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
+    """`mask[:, slots:]` as one tensor object per mask (cached while `mask` lives, a copy so the cache holds no view
+    of it), so every layer hands the op the same text masks and its global index is read back once per pass."""
+    if mask is None:
+        return None
+    if torch.compiler.is_compiling() or is_exporting():
+        return mask[:, slots:]
+    return cached("text_after_slots", (mask,), lambda: mask[:, slots:].clone(), key=slots)
+
+
+def _separate_self_attention(module: nn.Module, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, glob: torch.Tensor | None, pad: torch.Tensor | None, prefix,
+                             spec: SeparatePrefix, backend: str) -> torch.Tensor:
+    """`(B, N, H, D)`: the layer's attention with a separately normalised prefix (`prefix_attention.py`).
+
+    Prefix-tuning: the layer's prefix keys/values, the same for local and global rows. Prefix-propagation
+    (`prefix.slots = P`): the slots, positions `0..P-1`, leave the key set of every row; the op runs over the text
+    (positions `P..`) with the slots' local projections as the prefix of local rows and their global projections as
+    the prefix of global rows, and the slots' own `P` rows are computed beside it (`slot_rows`). `kernel="exp"` is the
+    op's own separate softmax where its backend serves it (`_separate_in_the_op`); otherwise, and for "rbf" and
+    "poly", the op runs without prefix keys (`A`) and `B` is added beside it. The global projections are applied in
+    full (the global rows from the hidden states have no separate prefix).
+    """
+    b, n, c = hidden_states.shape
+    h, d = module.num_heads, module.head_dim
+    scale = d**-0.5
+    dropout_p = float(module.dropout) if module.training else 0.0
+    p = int(getattr(prefix, "slots", 0))
+    qg = kg = vg = None
+    if glob is not None:
+        qg = _global_rows_projection(module.query_global, hidden_states, glob, pad).view(b, n, h, d)
+        kg = module.key_global(hidden_states).view(b, n, h, d)
+        vg = module.value_global(hidden_states).view(b, n, h, d)
+    elif p:
+        raise ValueError("prefix-propagation's slots are global tokens: the layer got no global attention mask")
+    if p:
+        local_prefix, global_prefix = (k[:, :p], v[:, :p]), (kg[:, :p], vg[:, :p])
+        q_slots = qg[:, :p]
+        text_glob, text_pad = _text_part(glob, p), _text_part(pad, p)
+        q, k, v, qg, kg_text, vg_text = (t[:, p:] for t in (q, k, v, qg, kg, vg))
+    else:
+        local_prefix, global_prefix = prefix.key_values(q), None
+        text_glob, text_pad, kg_text, vg_text = glob, pad, kg, vg
+    call = dict(window=int(module.one_sided_attn_window_size), is_global=text_glob, key_padding_mask=text_pad,
+                q_global=qg, k_global=kg_text, v_global=vg_text, softmax_scale=scale, dropout_p=dropout_p)
+    fused = dict(prefix_k=local_prefix[0], prefix_v=local_prefix[1], prefix_normalization="separate",
+                 prefix_scale=spec.scale)
+    if global_prefix is not None:
+        fused.update(prefix_k_global=global_prefix[0], prefix_v_global=global_prefix[1])
+    if spec.kernel == "exp" and _separate_in_the_op(q, k, v, {**call, **fused}, backend):
+        out = longformer_attention(q, k, v, **call, **fused, backend=backend)
+    else:
+        out = longformer_attention(q, k, v, **call, backend=backend)
+        out = add_prefix_rows(out, q, local_prefix, spec, scale, dropout_p, q_global=qg, is_global=text_glob,
+                              global_prefix=global_prefix, key_padding_mask=text_pad)
+    if not p:
+        return out
+    slots = slot_rows(q_slots, kg_text, vg_text, text_pad, *global_prefix, spec, scale, dropout_p)
+    return torch.cat([slots.to(out.dtype), out], dim=1)
 
 
 def _direct_global_rows_index(module: nn.Module, glob: torch.Tensor | None, pad: torch.Tensor | None):

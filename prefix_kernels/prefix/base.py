@@ -13,6 +13,12 @@ Both work by wrapping, not by copying HF's modeling code:
   op as `prefix_k` / `prefix_v`; the text position ids are shifted by `P` (HF's `past_key_values_length`
   convention). No token becomes global because of the prefix.
 
+With `prefix_attention="separate"` (the paper's kernel-attention study, `hf/prefix_attention.py`) the prefix leaves
+every row's softmax: it is normalised on its own by a kernel ("exp", "rbf", "poly") and added with a learned scale
+per layer (`prefix_scale`, `(L,)` or `(L, H)`; "poly" also learns an offset per layer, `poly_offset (L,)`). Each
+patched self-attention module then gets a per-layer object (`_LayerPrefix` for tuning, `_LayerSlots` for
+propagation) whose `separate()` hands it the layer's kernel and scale.
+
 The prefix module is registered on the model (`model.prefix_propagation` / `model.prefix_tuning`), so it is in
 the state dict and moves with `.to()`; the wrapper and hooks reach it through plain (non-module) references,
 which `copy.deepcopy` maps onto the copy's prefix.
@@ -22,19 +28,62 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 
 import torch
 from torch import nn
 
-from ..core.static import is_exporting
+from ..core.tracing import is_exporting
 from ..hf.patching import patch_longformer
+from ..hf.prefix_attention import KERNELS, SeparatePrefix
 from .backbone import _Backbone
 
 # The config attribute `apply_prefix_*` writes (saved in config.json by `save_pretrained`), and the model attribute
 # each method's prefix module is registered under.
 PREFIX_CONFIG_KEY = "prefix_kernels"
 _ATTRS = {"propagation": "prefix_propagation", "tuning": "prefix_tuning"}
+
+# The options of a separately normalised prefix, as `apply_prefix_*` takes them (and the config record and
+# `save_prefix`'s metadata keep them), with their defaults under `prefix_attention="separate"`.
+SEPARATE_DEFAULTS = {"kernel": "exp", "kernel_scale": "scalar", "kernel_scale_init": 0.005}
+RBF_LENGTH_SCALE = 64.0
+ATTENTION_OPTIONS = ("prefix_attention", "kernel", "kernel_scale", "kernel_scale_init", "rbf_length_scale")
+
+
+def attention_options(prefix_attention: str = "joint", kernel: str | None = None, kernel_scale: str | None = None,
+                      kernel_scale_init: float | None = None, rbf_length_scale: float | None = None) -> dict:
+    """The checked options of how the prefix enters the attention, with the defaults filled in: `{}` for "joint"
+    (the one softmax, as before these options existed); for "separate" every option. A `ValueError` names the
+    argument that is unknown, out of range, or given where it has no meaning."""
+    if prefix_attention not in ("joint", "separate"):
+        raise ValueError(f"prefix_attention must be 'joint' or 'separate', got {prefix_attention!r}")
+    given = {"kernel": kernel, "kernel_scale": kernel_scale, "kernel_scale_init": kernel_scale_init,
+             "rbf_length_scale": rbf_length_scale}
+    given = {name: value for name, value in given.items() if value is not None}
+    if prefix_attention == "joint":
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with prefix_attention='separate' (the prefix normalised "
+                             "on its own); with 'joint' the prefix shares each row's softmax")
+        return {}
+    options = {"prefix_attention": "separate", **SEPARATE_DEFAULTS, **given}
+    if options["kernel"] not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {options['kernel']!r}")
+    if options["kernel_scale"] not in ("scalar", "head"):
+        raise ValueError(f"kernel_scale must be 'scalar' (one per layer) or 'head' (one per layer and head), got "
+                         f"{options['kernel_scale']!r}")
+    init = options["kernel_scale_init"]
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"kernel_scale_init must be a finite number, got {init!r}")
+    options["kernel_scale_init"] = float(init)
+    if options["kernel"] == "rbf":
+        length = options.setdefault("rbf_length_scale", RBF_LENGTH_SCALE)
+        if isinstance(length, bool) or not isinstance(length, (int, float)) or not 0 < length < math.inf:
+            raise ValueError(f"rbf_length_scale must be a positive finite number, got {length!r}")
+        options["rbf_length_scale"] = float(length)
+    elif "rbf_length_scale" in options:
+        raise ValueError(f"rbf_length_scale applies to kernel='rbf' only, got kernel={options['kernel']!r}")
+    return options
 
 
 def _forward_arg_names(module: nn.Module) -> tuple[str, ...]:
@@ -109,7 +158,7 @@ class _Prefix(nn.Module):
 
     method: str
 
-    def __init__(self, backbone: _Backbone, num_prefix: int, dropout: float | None):
+    def __init__(self, backbone: _Backbone, num_prefix: int, dropout: float | None, attention: dict | None = None):
         super().__init__()
         if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 1:
             raise ValueError(f"num_prefix must be a positive int, got {num_prefix!r}")
@@ -126,9 +175,50 @@ class _Prefix(nn.Module):
         self.window = backbone.window
         self.dropout = nn.Dropout(p)
         self._warned_frozen = False
+        self._attention = dict(attention or {})
+
+    def _add_attention_parameters(self) -> None:
+        """With `prefix_attention="separate"`: `prefix_scale`, one raw scale per layer (`(L,)`, or `(L, H)` with
+        `kernel_scale="head"`) at `kernel_scale_init`, and for "poly" `poly_offset (L,)`, its offset `c`, at 1."""
+        if not self._attention:
+            return
+        shape = (self.num_layers,) if self.kernel_scale == "scalar" else (self.num_layers, self.num_heads)
+        self.prefix_scale = nn.Parameter(torch.full(shape, self._attention["kernel_scale_init"]))
+        if self.kernel == "poly":
+            self.poly_offset = nn.Parameter(torch.ones(self.num_layers))
+
+    @property
+    def prefix_attention(self) -> str:
+        """"joint" (the prefix inside each row's softmax) or "separate" (normalised on its own)."""
+        return self._attention.get("prefix_attention", "joint")
+
+    @property
+    def kernel(self) -> str | None:
+        """The kernel of a separate prefix ("exp", "rbf", "poly"); `None` with "joint"."""
+        return self._attention.get("kernel")
+
+    @property
+    def kernel_scale(self) -> str | None:
+        """"scalar" or "head" with a separate prefix; `None` with "joint"."""
+        return self._attention.get("kernel_scale")
+
+    def attention_options(self) -> dict:
+        """The options `apply_prefix_*` took for the attention (`{}` for "joint"), to rebuild the same prefix."""
+        return dict(self._attention)
+
+    def separate(self, layer: int) -> SeparatePrefix | None:
+        """Layer `layer`'s separately normalised prefix for the patched attention, or `None` with "joint"."""
+        if not self._attention:
+            return None
+        return SeparatePrefix(kernel=self.kernel, scale=self.prefix_scale[layer],
+                              offset=self.poly_offset[layer] if self.kernel == "poly" else None,
+                              length_scale=self._attention.get("rbf_length_scale", RBF_LENGTH_SCALE))
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, num_prefix={self.num_prefix}, num_layers={self.num_layers}"
+        text = f"kind={self.kind!r}, num_prefix={self.num_prefix}, num_layers={self.num_layers}"
+        if self._attention:
+            text += f", prefix_attention='separate', kernel={self.kernel!r}, kernel_scale={self.kernel_scale!r}"
+        return text
 
     @property
     def max_length(self) -> int:
@@ -175,8 +265,10 @@ class _Prefix(nn.Module):
         )
 
     def config_record(self) -> dict:
-        """What `from_pretrained_with_prefix` needs to rebuild this prefix (stored in `config.prefix_kernels`)."""
-        return {"method": self.method, "num_prefix": self.num_prefix, "dropout": self.dropout.p}
+        """What `from_pretrained_with_prefix` needs to rebuild this prefix (stored in `config.prefix_kernels`): the
+        attention options too with a separate prefix (none with "joint", whose record is as it always was)."""
+        return {"method": self.method, "num_prefix": self.num_prefix, "dropout": self.dropout.p,
+                **self.attention_options()}
 
     def _base_forward(self, wrapper: _WrappedForward, call: dict):
         raise NotImplementedError

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..hf.self_attention import BUILD_CHECKS
-from .base import _ATTRS, PREFIX_CONFIG_KEY, _existing_prefix, _Prefix
+from .base import _ATTRS, ATTENTION_OPTIONS, PREFIX_CONFIG_KEY, _existing_prefix, _Prefix
 from .propagation import PrefixPropagation, apply_prefix_propagation
 from .tuning import apply_prefix_tuning
 
@@ -79,15 +79,26 @@ def save_prefix(model: nn.Module, path) -> None:
     metadata = {"method": prefix.method, "num_prefix": str(prefix.num_prefix)}
     if isinstance(prefix, PrefixPropagation):
         metadata["pool_prefix"] = str(prefix.pool_prefix)
+    metadata.update({k: str(v) for k, v in prefix.attention_options().items()})  # none with "joint"
     save_file(tensors, str(path), metadata=metadata)
+
+
+def _options_from_metadata(metadata: dict[str, str]) -> dict:
+    """The attention options `save_prefix` wrote (strings), as `apply_prefix_*` takes them (`{}`: "joint")."""
+    options = {k: metadata[k] for k in ATTENTION_OPTIONS if k in metadata}
+    for k in ("kernel_scale_init", "rbf_length_scale"):
+        if k in options:
+            options[k] = float(options[k])
+    return {} if options.get("prefix_attention", "joint") == "joint" else options
 
 
 def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = True) -> _Prefix:
     """Load what `save_prefix` wrote into `model`.
 
-    A model without a prefix gets one first (method and `P` from the file, with `backend`; `pool_prefix` when the
-    model is a sequence classifier). With `strict`, the file must hold exactly the model's trainable parameters;
-    without, it may lack some, but never the prefix's own. Returns the prefix module.
+    A model without a prefix gets one first (method, `P` and the attention options from the file, with `backend`;
+    `pool_prefix` when the model is a sequence classifier). A model with a prefix must have the file's method and
+    attention options. With `strict`, the file must hold exactly the model's trainable parameters; without, it may
+    lack some, but never the prefix's own. Returns the prefix module.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -101,13 +112,18 @@ def load_prefix(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
         if method not in _ATTRS:
             raise ValueError(f"{path}: no prefix method in the file's metadata; {_what_to_apply(tensors)}")
         num_prefix = int(metadata["num_prefix"])
+        options = _options_from_metadata(metadata)
         if method == "propagation":
             pool = metadata.get("pool_prefix") == "True" and _pools(model)
-            prefix = apply_prefix_propagation(model, num_prefix, pool_prefix=pool, backend=backend)
+            prefix = apply_prefix_propagation(model, num_prefix, pool_prefix=pool, backend=backend, **options)
         else:
-            prefix = apply_prefix_tuning(model, num_prefix, backend=backend)
+            prefix = apply_prefix_tuning(model, num_prefix, backend=backend, **options)
     elif metadata.get("method", prefix.method) != prefix.method:
         raise ValueError(f"{path} holds a prefix-{metadata['method']} prefix, the model has prefix-{prefix.method}")
+    elif "method" in metadata and _options_from_metadata(metadata) != prefix.attention_options():
+        joint = "prefix_attention='joint'"
+        saved, own = _options_from_metadata(metadata) or joint, prefix.attention_options() or joint
+        raise ValueError(f"{path} holds a prefix with the attention options {saved}, the model's prefix has {own}")
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
@@ -186,7 +202,8 @@ def from_pretrained_with_prefix(cls, path, backend: str = "auto", **kwargs) -> n
     """Rebuild a model that `save_pretrained` (or a `Trainer` checkpoint) wrote, with its prefix.
 
     `cls.from_pretrained(path, **kwargs)` restores the backbone, the task head and the config, whose
-    `prefix_kernels` entry (written by `apply_prefix_*`) says which prefix the model had; that prefix is applied
+    `prefix_kernels` entry (written by `apply_prefix_*`) says which prefix the model had (method, `P`, dropout,
+    `pool_prefix`, the attention options); that prefix is applied
     again (patching the attention with `backend`, freezing the backbone) and its weights are read from the same
     checkpoint. Plain `from_pretrained` drops them: Hugging Face reports them as unexpected keys.
 
@@ -215,13 +232,15 @@ def from_pretrained_with_prefix(cls, path, backend: str = "auto", **kwargs) -> n
     if not isinstance(record, dict) or record.get("method") not in _ATTRS:
         raise ValueError(f"{path}: its config records no prefix (no `{PREFIX_CONFIG_KEY}` entry written by "
                          "apply_prefix_propagation / apply_prefix_tuning); load it with from_pretrained")
+    options = {k: record[k] for k in ATTENTION_OPTIONS if k in record}  # none for "joint"
     with restoring_prefix():
         if record["method"] == "propagation":
             pool = bool(record.get("pool_prefix", False)) and _pools(model)
             prefix = apply_prefix_propagation(model, record["num_prefix"], dropout=record.get("dropout"),
-                                              pool_prefix=pool, backend=backend)
+                                              pool_prefix=pool, backend=backend, **options)
         else:
-            prefix = apply_prefix_tuning(model, record["num_prefix"], dropout=record.get("dropout"), backend=backend)
+            prefix = apply_prefix_tuning(model, record["num_prefix"], dropout=record.get("dropout"), backend=backend,
+                                         **options)
     attr = _ATTRS[prefix.method]
     names = [f"{attr}.{n}" for n, _ in prefix.named_parameters()]
     tensors = _checkpoint_tensors(path, names, {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})

@@ -1,5 +1,6 @@
 """Prefix-propagation (the paper's method): `P` prefix slots prepended as global tokens, `prefix[l]` added to them
-before each layer (`PrefixPropagation`, `apply_prefix_propagation`).
+before each layer (`PrefixPropagation`, `apply_prefix_propagation`). With `prefix_attention="separate"` the slots
+leave every row's softmax and are attended to on their own, by a kernel, added with a learned scale.
 """
 
 from __future__ import annotations
@@ -9,8 +10,18 @@ import functools
 import torch
 from torch import nn
 
+from ..hf.prefix_attention import SeparatePrefix
 from .backbone import _Backbone
-from .base import _cat_front, _config_return_dict, _install, _Prefix, _prepare, _shifted_positions, _WrappedForward
+from .base import (
+    _cat_front,
+    _config_return_dict,
+    _install,
+    _Prefix,
+    _prepare,
+    _shifted_positions,
+    _WrappedForward,
+    attention_options,
+)
 
 # The prefix rows of the last base forward of a `pool_prefix` model, for its classifier (`_pool_prefix_hook`). A
 # plain holder, not state of the prefix module: the classifier's hook then holds no reference to the module, so a
@@ -30,15 +41,38 @@ def _pool_prefix_hook(module: nn.Module, args: tuple):
     return (states, *args[1:])
 
 
+class _LayerSlots:
+    """What a patched attention module holds for prefix-propagation with `prefix_attention="separate"`: the first
+    `slots` positions of its sequence are the prefix slots, which leave every row's softmax (the text rows see them
+    through `separate()`'s kernel, the slots' own rows are computed beside the op: `hf/self_attention.py`)."""
+
+    def __init__(self, prefix: PrefixPropagation, layer: int):
+        self.prefix = prefix
+        self.layer = layer
+
+    @property
+    def slots(self) -> int:
+        return self.prefix.num_prefix
+
+    def key_values(self, like: torch.Tensor) -> None:
+        """No prefix keys/values of its own: the slots' projections are the prefix."""
+        return None
+
+    def separate(self) -> SeparatePrefix | None:
+        return self.prefix.separate(self.layer)
+
+
 class PrefixPropagation(_Prefix):
     """Prefix-propagation: `prefix` `(L, P, C)`, added to the `P` global prefix slots before each layer."""
 
     method = "propagation"
 
-    def __init__(self, backbone: _Backbone, num_prefix: int, dropout: float | None, pool_prefix: bool, init_std: float):
-        super().__init__(backbone, num_prefix, dropout)
+    def __init__(self, backbone: _Backbone, num_prefix: int, dropout: float | None, pool_prefix: bool, init_std: float,
+                 attention: dict | None = None):
+        super().__init__(backbone, num_prefix, dropout, attention)
         self.pool_prefix = bool(pool_prefix)
         self.prefix = nn.Parameter(torch.randn(self.num_layers, num_prefix, self.hidden_size) * init_std)
+        self._add_attention_parameters()
 
     def config_record(self) -> dict:
         return {**super().config_record(), "pool_prefix": self.pool_prefix}
@@ -132,6 +166,12 @@ def apply_prefix_propagation(
     pool_prefix: bool = False,
     backend: str = "auto",
     init_std: float = 0.02,
+    *,
+    prefix_attention: str = "joint",
+    kernel: str | None = None,
+    kernel_scale: str | None = None,
+    kernel_scale_init: float | None = None,
+    rbf_length_scale: float | None = None,
 ) -> PrefixPropagation:
     """Add prefix-propagation to a Longformer / LED model in place, patch its attention, and freeze
     everything but the prefix and the task head.
@@ -143,18 +183,32 @@ def apply_prefix_propagation(
         pool_prefix: `LongformerForSequenceClassification` only: the head pools prefix slot 0 instead of `<s>`.
         backend: the attention backend, see `longformer_attention`.
         init_std: the prefix starts as `N(0, init_std**2)`.
+        prefix_attention: "joint" (the slots are global tokens in every row's one softmax) or "separate" (the paper's
+            kernel attention: the slots leave the key set of every row, the slots' own rows included, and each row
+            adds `prefix_scale[l] * B`, `B` its attention over the slots alone, normalised by `kernel`; local rows
+            see the slots through the local projections, global rows through the global ones; see
+            `hf/prefix_attention.py`). The options below apply to "separate" only.
+        kernel: "exp" (default: a softmax, the op's own "separate" mode), "rbf" (`exp(-|q' - k|^2 / (2 l^2))`) or
+            "poly" (`(q' . k + c)^2`, `c` learned: `poly_offset (L,)`, starting at 1), with `q'` the scaled query.
+        kernel_scale: "scalar" (default: `prefix_scale (L,)`) or "head" (`(L, H)`), a raw learned scale.
+        kernel_scale_init: the scale's initial value (default 0.005).
+        rbf_length_scale: "rbf"'s fixed `l` (default 64).
 
     Returns:
         The prefix module, registered as `model.prefix_propagation`; its `prefix` is `(L, P, C)`.
     """
+    options = attention_options(prefix_attention, kernel, kernel_scale, kernel_scale_init, rbf_length_scale)
     backbone = _prepare(model, backend)
     if pool_prefix:
         from transformers.models.longformer.modeling_longformer import LongformerForSequenceClassification
 
         if not isinstance(model, LongformerForSequenceClassification):
             raise ValueError("pool_prefix is an option of LongformerForSequenceClassification only")
-    prefix = PrefixPropagation(backbone, num_prefix, dropout, pool_prefix, init_std)
+    prefix = PrefixPropagation(backbone, num_prefix, dropout, pool_prefix, init_std, options)
     _install(model, backbone, prefix)
+    if options:
+        for i, attn in enumerate(backbone.attentions):
+            attn._prefix_kernels_prefix = _LayerSlots(prefix, i)
     backbone.base.forward = _WrappedForward(prefix, backbone.base)
     for i, layer in enumerate(backbone.layers):
         layer.register_forward_pre_hook(functools.partial(prefix.add_prefix, i), with_kwargs=True)

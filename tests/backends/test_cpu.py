@@ -17,18 +17,16 @@ Outputs are NaN-poisoned before they are written, so anything never written fail
 from __future__ import annotations
 
 import copy
-from unittest import mock
 
 import pytest
 import torch
-from helpers import check_against_reference, make_inputs, op, random_like, run_with_grads
+from dropout_masks import cpu_keep_masks
+from helpers import check_against_reference, dense_in_dtype, make_inputs, op, random_like, run_with_grads
 
 import prefix_kernels as pk
 from prefix_kernels.backends import cpu as cpu_attention
 from prefix_kernels.core import custom_op, reference
 from prefix_kernels.core.checks import check_inputs
-from prefix_kernels.core.masks import global_index
-from prefix_kernels.core.reference import dense_attention
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -59,21 +57,6 @@ def test_corner_cases_match_dense_reference():
         check_against_reference(_cpu, x, masks, window, torch.float32, grad_out, atol=1e-5, label=f"case {i}")
 
 
-_MASKED_SOFTMAX = reference.masked_softmax
-
-
-def _fp32_masked_softmax(scores, allowed):
-    return _MASKED_SOFTMAX(scores.float(), allowed).to(scores.dtype)
-
-
-def _dense_in_dtype(**kw):
-    """The same computation done by PyTorch in the input dtype: the dense reference with its matmuls in that
-    dtype and its softmax in fp32 (as Hugging Face's eager attention computes on a CPU)."""
-    with mock.patch.object(reference, "_compute_dtype", lambda dtype: dtype), \
-            mock.patch.object(reference, "masked_softmax", _fp32_masked_softmax):
-        return dense_attention(**kw)
-
-
 # (B, N, H, D, window, globals per row, pad_max, prefix, batch_prefix)
 LOW_PRECISION_CASES = {
     "prefix_d32": (2, 300, 2, 32, 40, (0, 4), 60, 4, False),
@@ -88,46 +71,13 @@ def test_low_precision_within_twice_the_same_dtype_error(name, dtype):
     b, n, h, d, window, n_global, pad_max, prefix, batch_prefix = LOW_PRECISION_CASES[name]
     x, masks, grad_out = _problem(b, n, h, d, n_global=n_global, pad_max=pad_max, prefix=prefix,
                                   batch_prefix=batch_prefix, seed=3)
-    _, grads = check_against_reference(_cpu, x, masks, window, dtype, grad_out, baseline=_dense_in_dtype, atol=1e-3)
+    _, grads = check_against_reference(_cpu, x, masks, window, dtype, grad_out, baseline=dense_in_dtype, atol=1e-3)
     assert all(g.dtype == dtype for g in grads if g is not None)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Dropout
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _documented_keep_masks(x, masks, window, p, seed):
-    """Dense `(B, H, N, N + P)` keep masks of the local and the global branch, rebuilt from the backend's
-    documented scheme: per group of blocks (in `_groups` order) one draw of `(g, H, rows, Lt)` from the generator
-    seeded with `seed`; per batch row one `(H, G, N + P)` draw for the global rows from the one seeded with
-    `seed + 1`."""
-    b, n, h, d = x["q"].shape
-    prefix = x["prefix_k"].shape[-3] if "prefix_k" in x else 0
-    gidx, gcnt, g = global_index(masks["is_global"])
-    plan = cpu_attention._plan(x["q"], window, g, prefix)
-    c, band = plan.block, plan.band
-    local = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
-    drops = cpu_attention._DropoutMasks(p, seed, torch.float32)
-    for bb, j0, j1, rows in cpu_attention._groups(plan):
-        keep = drops.next((j1 - j0, h, rows, plan.cols)).bool()
-        for jj, j in enumerate(range(j0, j1)):
-            pos = torch.arange(band) + j * c - window
-            inside = (pos >= 0) & (pos < n)
-            for r in range(rows):
-                i = j * c + r
-                local[bb, :, i, pos[inside]] = keep[jj, :, r, :band][:, inside]
-                for s in range(int(gcnt[bb]) if g else 0):  # a global key is attended through its global column
-                    local[bb, :, i, int(gidx[bb, s])] = keep[jj, :, r, band + s]
-                local[bb, :, i, n:] = keep[jj, :, r, band + g :]
-    glob = torch.ones(b, h, n, n + prefix, dtype=torch.bool)
-    if g:
-        drops = cpu_attention._DropoutMasks(p, seed + 1, torch.float32)
-        for bb in range(b):
-            keep = drops.next((h, g, n + prefix)).bool()
-            for s in range(int(gcnt[bb])):
-                glob[bb, :, int(gidx[bb, s])] = keep[:, s]
-    return local, glob
 
 
 @pytest.mark.parametrize("block", [3, 64])
@@ -139,7 +89,7 @@ def test_dropout_matches_dense_reference_with_the_documented_masks(monkeypatch, 
     monkeypatch.setattr(cpu_attention, "GROUP_BYTES", 8000)  # several groups, several draws
     torch.manual_seed(123)
     seed = int(torch.randint(2**31, 2**62, (), dtype=torch.int64))  # what the op will draw after manual_seed(123)
-    keeps = iter(_documented_keep_masks(x, masks, window, p, seed))
+    keeps = iter(cpu_keep_masks(x, masks, window, p, seed))
     monkeypatch.setattr(reference, "_dropout", lambda probs, dp: probs * next(keeps).to(probs.dtype) / (1 - dp))
     torch.manual_seed(123)
     out, _ = check_against_reference(_cpu, x, masks, window, torch.float32, grad_out, atol=1e-5, dropout_p=p)
@@ -236,8 +186,8 @@ def test_custom_op_opcheck():
     x, masks, _ = _problem(2, 20, 1, 8, n_global=(0, 2), pad_max=3, prefix=2, batch_prefix=False, seed=4)
     a = check_inputs(**{k: v.float().requires_grad_() for k, v in x.items()}, **masks, window=3)
     for dropout_p, seed in ((0.0, None), (0.2, torch.tensor(2**40, dtype=torch.int64))):
-        args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, a.key_padding_mask,
-                a.is_global, seed, "cpu", a.window, a.softmax_scale, dropout_p)
+        args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, None, None, None,
+                a.key_padding_mask, a.is_global, None, seed, "cpu", a.window, a.softmax_scale, dropout_p)
         torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 

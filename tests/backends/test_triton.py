@@ -296,8 +296,8 @@ def test_custom_op_opcheck(triton_device):
     t, masks = make_inputs(2, 20, 1, 16, device=triton_device, prefix=2, n_global={0: [4]}, pad={1: [18, 19]},
                            requires_grad=True)
     a = check_inputs(**t, **masks, window=3)
-    args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, a.key_padding_mask,
-            a.is_global, None, "triton", a.window, a.softmax_scale, 0.0)
+    args = (a.q, a.k, a.v, a.q_global, a.k_global, a.v_global, a.prefix_k, a.prefix_v, None, None, None,
+            a.key_padding_mask, a.is_global, None, None, "triton", a.window, a.softmax_scale, 0.0)
     torch.library.opcheck(custom_op.fused_attention_fwd, args)
 
 

@@ -1,4 +1,5 @@
-"""The training demo and the paper-recipe example run end to end on tiny settings (CPU, reference backend)."""
+"""The training demo and the paper-recipe example run end to end on tiny settings (CPU, reference backend); the
+demo's expected calibration error against torchmetrics'."""
 
 from __future__ import annotations
 
@@ -32,8 +33,39 @@ def test_task_labels_follow_the_cues():
 def test_demo_runs(method, capsys):
     assert demo.main([*TINY, "--method", method, "--backend", "reference"]) == 0
     out = capsys.readouterr().out
-    assert "prefix_kernels (reference)" in out and "tokens/s" in out
+    assert "prefix_kernels (reference)" in out and "tokens/s" in out and "ECE after" in out
     assert ("HF attention" in out) == (method == "propagation")
+
+
+def test_demo_with_a_separate_prefix(capsys):
+    """`--prefix-attention separate --kernel poly`: one run (HF's attention cannot compute it), with its accuracy
+    and calibration error; a kernel without a separate prefix is an argument error."""
+    assert demo.main([*TINY, "--prefix-attention", "separate", "--kernel", "poly", "--kernel-scale", "head",
+                      "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "prefix attention separate, kernel poly, scale head" in out and "no HF run" in out
+    row = next(line for line in out.splitlines() if line.startswith("prefix_kernels (reference)"))
+    acc_before, acc_after, ece = row.split()[2:5]
+    assert acc_after.endswith("%") and 0.0 <= float(ece) <= 1.0
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--kernel", "rbf"])
+    assert "--kernel only apply with --prefix-attention separate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_expected_calibration_error_matches_torchmetrics(classes):
+    """The demo's binned ECE (10 equal-width bins of the top-class confidence) against torchmetrics' L1 calibration
+    error, on confidences away from the bin edges (where the two put a tie in different bins: `(lo, hi]` here,
+    `[lo, hi)` there)."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    g = torch.Generator().manual_seed(classes)
+    probs = torch.softmax(torch.randn(500, classes, generator=g, dtype=torch.float64) * 2, dim=-1)
+    edge = (probs.max(-1).values * 10 - (probs.max(-1).values * 10).round()).abs() < 1e-3
+    probs, gold = probs[~edge].float(), torch.randint(0, classes, (500,), generator=g)[~edge]
+    metric = torchmetrics.classification.MulticlassCalibrationError(num_classes=classes, n_bins=10, norm="l1")
+    want = metric(probs, gold).item()
+    assert demo.expected_calibration_error(probs, gold, bins=10) == pytest.approx(want, abs=1e-6)
+    assert want > 0.01
 
 
 def test_example_synthetic(tmp_path, capsys):

@@ -298,6 +298,8 @@ def unavailable_reason() -> str | None:
 
 
 def cannot_serve(args) -> str | None:
+    if args.features:
+        return f"{', '.join(args.features)} not implemented in the Triton kernels yet"
     if args.dtype == torch.float64:
         return "float64 is served by the reference backend only"
     if INTERPRET:
