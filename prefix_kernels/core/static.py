@@ -18,14 +18,21 @@ With `B` rows, `N` tokens, `H` heads of `D`, one-sided window `w`, `P` prefix ke
   `scatter`) and the first `G = max(1, max_b count_b)` columns of it (`nonzero` of `arange(N) < G`); slots past a
   row's count are masked. Scores `(B, H, N, G)` against the local `k`, `v` at those positions;
 * the prefix keys: `(B, H, N, P)` scores;
-* one softmax over the three parts, without concatenating them: a shared row max, `exp`, the sums of the three
-  parts, and `sum_part exp(s - max) @ v_part` divided by the sum (0 where a row has no admissible key, never NaN);
+* one softmax over the three parts, without concatenating the band with the rest: a shared row max, `exp`, the
+  sums, and `sum_part exp(s - max) @ v_part` divided by the sum (0 where a row has no admissible key, never NaN).
+  With `prefix_normalization="separate"` the prefix leaves that softmax: `A` over the band and the global keys,
+  plus `prefix_scale[h]` times the prefix's own softmax over its `P` keys;
 * the global rows, compacted: the `G` slots' global queries against every non-padding key (global projections)
-  and the prefix, `(B, H, G, N + P)` scores, scattered back to their positions.
+  and the prefix they see (`prefix_k_global` / `prefix_v_global` when given), `(B, H, G, N + P)` scores, scattered
+  back to their positions;
+* `document_ids`: a bias per band score (`-inf` across a document boundary: `(B, nb, c, (2m + 1)c)` from the
+  blocks' ids), per global key of the local rows (`(B, N, G)`) and per key of the global rows (`(B, G, N)`); the
+  prefix is every document's. Ids are compared, not assumed contiguous: exact for any numbering (contiguous runs
+  are what the op checks eagerly and the caller promises under export).
 
 Memory and time per head: `N (2m + 1) c` band scores, `N (G + P)` for the global keys and the prefix, `G (N + P)`
-for the global rows; `O(N * w)` for a fixed number of global tokens. The constants in the graph are the
-`c x (2m + 1)c` band and `O(N)` aranges.
+for the global rows; `O(N * w)` for a fixed number of global tokens (the document biases add as much, shared by
+the heads). The constants in the graph are the `c x (2m + 1)c` band and `O(N)` aranges.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
     """`longformer_attention` in the export formulation (this module's docstring): `(B, N, H, D)` in `a.q.dtype`.
 
     Same semantics as `reference.chunked_attention` (padding rows 0, rows with no admissible key 0 and never NaN,
-    prefix keys seen by every query, dropout on the probabilities, the local rows alone with `local_rows_only`).
+    prefix keys seen by every query, dropout on the probabilities, the local rows alone with `local_rows_only`, both
+    prefix normalizations, `prefix_k_global` / `prefix_v_global`, `document_ids`).
     `chunk`: the query block `c` (default `block_size(window)`).
     """
     cdt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -80,7 +88,7 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
 
     neg_inf = float("-inf")
     zero = torch.zeros((), dtype=cdt, device=dev)
-    glob = a.is_global
+    glob, doc = a.is_global, a.document_ids
     key_ok = torch.ones(b, n, dtype=torch.bool, device=dev) if a.key_padding_mask is None else ~a.key_padding_mask
     if glob is not None:
         key_ok = key_ok & ~glob  # a band key: neither padding nor global
@@ -94,25 +102,37 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
     kb = _view(windows(blocks(a.k.to(cdt))), -1, span, d)  # (B * H * nb, span, D)
     vb = _view(windows(blocks(a.v.to(cdt))), -1, span, d)
     s_band = torch.bmm(_view(qb, -1, c, d), kb.transpose(1, 2)).reshape(b, h, nb, c, span) + (key_bias + band_bias)
+    doc_rows = None
+    if doc is not None:  # band keys of the query's document only: (B, 1, nb, c, span)
+        doc_q = blocks(doc)  # (B, nb, c, 1), ids of the padding past N never compared with a kept key
+        doc_rows = _view(doc_q, b, -1)  # (B, nb * c)
+        same = doc_q == windows(doc_q).transpose(-1, -2)
+        s_band = s_band + torch.where(same, zero, neg_inf)[:, None]
 
-    # Beyond the band, the keys every local row sees: the compacted global keys (local projections), the prefix.
+    # Beyond the band, the text keys every local row sees: the compacted global keys (local projections); and the
+    # prefix, in the same softmax ("joint") or in its own ("separate").
     keys, values, biases = [], [], []
-    idx = None
+    idx = valid = None
     if glob is not None:
         idx, valid = _global_slots(glob)
         keys.append(_gather_rows(_bhnd(a.k, cdt), idx))
         values.append(_gather_rows(_bhnd(a.v, cdt), idx))
-        biases.append(torch.where(valid, zero, neg_inf))  # (B, G): slots past a row's count masked
+        ok = valid[:, None, :]  # (B, 1, G): slots past a row's count masked
+        if doc_rows is not None:  # (B, nb * c, G): a global token is a key of its own document's rows
+            ok = ok & (doc_rows[:, :, None] == doc.gather(1, idx)[:, None, :])
+        biases.append(torch.where(ok, zero, neg_inf))
     pk = pv = None
     if a.prefix_k is not None:
         pk, pv = _bhnd(a.prefix_k, cdt), _bhnd(a.prefix_v, cdt)
-        keys.append(pk)
-        values.append(pv)
-        biases.append(torch.zeros(b, pk.shape[2], dtype=cdt, device=dev))
+        if not a.separate:
+            keys.append(pk)
+            values.append(pv)
+            biases.append(torch.zeros(b, 1, pk.shape[2], dtype=cdt, device=dev))
 
+    q_rows = _view(qb, b, h, -1, d)  # (B, H, nb * c, D)
     row_max = _view(s_band.amax(dim=-1), b, h, -1, 1)  # (B, H, nb * c, 1)
     if keys:
-        s_more = _bmm(_view(qb, b, h, -1, d), _cat(keys), transpose=True) + _cat(biases, 1)[:, None, None, :]
+        s_more = _bmm(q_rows, _cat(keys), transpose=True) + _cat_biases(biases)[:, None]
         row_max = torch.maximum(row_max, s_more.amax(dim=-1, keepdim=True))
     row_max = _finite_max(row_max, cdt)
     # Dropout on the unnormalized exponentials: the same as on the probabilities, the sums taken before it.
@@ -124,11 +144,13 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
         denom = denom + e.sum(dim=-1, keepdim=True)
         out = out + _bmm(_dropout(e, a.dropout_p), _cat(values))
     out = out / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if a.separate:
+        out = out + _scaled_prefix(a, q_rows, pk, pv)
     # The first N rows, by index rather than by a slice: a fresh tensor, no strides to reason about.
     out = out.index_select(2, torch.arange(n, device=dev))
 
     if glob is not None and not a.local_rows_only:
-        rows_out = _global_rows(a, cdt, idx, pk, pv)  # (B, H, G, D)
+        rows_out = _global_rows(a, cdt, idx)  # (B, H, G, D)
         placed = torch.zeros_like(out).scatter(2, idx[:, None, :, None].expand_as(rows_out), rows_out)
         out = torch.where(glob[:, None, :, None], placed, out)
     elif glob is not None:
@@ -136,6 +158,21 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
     if a.key_padding_mask is not None:
         out = out.masked_fill(a.key_padding_mask[:, None, :, None], 0.0)
     return out.transpose(1, 2).to(a.q.dtype)
+
+
+def _scaled_prefix(a: AttentionArgs, q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """`prefix_scale[h] * B` of the separate normalization: `q (B, H, R, D)` (scaled) against the prefix keys alone
+    in a softmax of their own (every row sees every prefix key), times the prefix values: `(B, H, R, D)`."""
+    s = _bmm(q, pk, transpose=True)  # (B, H, R, P), P >= 1
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    out = _bmm(_dropout(e, a.dropout_p), pv) / e.sum(dim=-1, keepdim=True)
+    return a.prefix_scale.to(out.dtype)[None, :, None, None] * out
+
+
+def _cat_biases(biases: list[torch.Tensor]) -> torch.Tensor:
+    """`(B, 1 or R, K_i)` biases side by side: `(B, 1 or R, sum K_i)`."""
+    rows = max(t.shape[1] for t in biases) if len(biases) > 1 else biases[0].shape[1]
+    return _cat([t.expand(t.shape[0], rows, t.shape[2]) for t in biases] if len(biases) > 1 else biases)
 
 
 def _cat(tensors: list[torch.Tensor], dim: int = 2) -> torch.Tensor:
@@ -185,26 +222,39 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
 
 
-def _global_rows(a: AttentionArgs, cdt: torch.dtype, idx: torch.Tensor, pk: torch.Tensor | None,
-                 pv: torch.Tensor | None) -> torch.Tensor:
-    """The global queries of the `G` slots against every non-padding key (global projections) and the prefix:
-    `(B, H, G, D)` (slots past a row's count hold finite values that the caller discards)."""
+def _global_rows(a: AttentionArgs, cdt: torch.dtype, idx: torch.Tensor) -> torch.Tensor:
+    """The global queries of the `G` slots against every non-padding key of their document (global projections) and
+    the prefix as global rows see it (`prefix_k_global` / `prefix_v_global`, else the prefix), in one softmax or,
+    separately normalized, two: `(B, H, G, D)` (slots past a row's count hold finite values the caller discards)."""
     qg = _gather_rows(_bhnd(a.q_global, cdt) * a.softmax_scale, idx)
-    keys, values = [_bhnd(a.k_global, cdt)], [_bhnd(a.v_global, cdt)]
+    keys, values, biases = [_bhnd(a.k_global, cdt)], [_bhnd(a.v_global, cdt)], []
+    zero = torch.zeros((), dtype=cdt, device=qg.device)
+    b = qg.shape[0]
+    ok = None if a.key_padding_mask is None else ~a.key_padding_mask[:, None, :]  # (B, 1, N)
+    if a.document_ids is not None:  # (B, G, N)
+        doc = a.document_ids
+        same = doc.gather(1, idx)[:, :, None] == doc[:, None, :]
+        ok = same if ok is None else ok & same
+    if ok is not None:
+        biases.append(torch.where(ok, zero, float("-inf")))
+    pk, pv = a.prefix_globals
     if pk is not None:
+        pk, pv = _bhnd(pk, cdt), _bhnd(pv, cdt)
+    if pk is not None and not a.separate:
         keys.append(pk)
         values.append(pv)
-    s = _bmm(qg, _cat(keys), transpose=True)  # (B, H, G, N + P)
-    if a.key_padding_mask is not None:
-        zero = torch.zeros((), dtype=cdt, device=s.device)
-        bias = torch.where(a.key_padding_mask, float("-inf"), zero)
-        if pk is not None:
-            bias = torch.cat([bias, torch.zeros(bias.shape[0], pk.shape[2], dtype=cdt, device=s.device)], dim=1)
-        s = s + bias[:, None, None, :]
+        if biases:  # the prefix keys admissible for every row
+            biases.append(torch.zeros(b, 1, pk.shape[2], dtype=cdt, device=qg.device))
+    s = _bmm(qg, _cat(keys), transpose=True)  # (B, H, G, N (+ P))
+    if biases:
+        s = s + _cat_biases(biases)[:, None]
     e = torch.exp(s - _finite_max(s.amax(dim=-1, keepdim=True), cdt))
     denom = e.sum(dim=-1, keepdim=True)
     out = _bmm(_dropout(e, a.dropout_p), _cat(values))
-    return out / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = out / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if a.separate:
+        out = out + _scaled_prefix(a, qg, pk, pv)
+    return out
 
 
 def _finite_max(row_max: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
