@@ -132,7 +132,8 @@ def static_attention(a: AttentionArgs, chunk: int | None = None) -> torch.Tensor
     q_rows = _view(qb, b, h, -1, d)  # (B, H, nb * c, D)
     row_max = _view(s_band.amax(dim=-1), b, h, -1, 1)  # (B, H, nb * c, 1)
     if keys:
-        s_more = _bmm(q_rows, _cat(keys), transpose=True) + _cat_biases(biases)[:, None]
+        bias_rows = 1 if doc_rows is None else doc_rows.shape[1]
+        s_more = _bmm(q_rows, _cat(keys), transpose=True) + _cat_biases(biases, bias_rows)[:, None]
         row_max = torch.maximum(row_max, s_more.amax(dim=-1, keepdim=True))
     row_max = _finite_max(row_max, cdt)
     # Dropout on the unnormalized exponentials: the same as on the probabilities, the sums taken before it.
@@ -169,10 +170,12 @@ def _scaled_prefix(a: AttentionArgs, q: torch.Tensor, pk: torch.Tensor, pv: torc
     return a.prefix_scale.to(out.dtype)[None, :, None, None] * out
 
 
-def _cat_biases(biases: list[torch.Tensor]) -> torch.Tensor:
-    """`(B, 1 or R, K_i)` biases side by side: `(B, 1 or R, sum K_i)`."""
-    rows = max(t.shape[1] for t in biases) if len(biases) > 1 else biases[0].shape[1]
-    return _cat([t.expand(t.shape[0], rows, t.shape[2]) for t in biases] if len(biases) > 1 else biases)
+def _cat_biases(biases: list[torch.Tensor], rows) -> torch.Tensor:
+    """`(B, 1 or rows, K_i)` biases side by side: `(B, rows, sum K_i)` (`rows` given, not compared: with a symbolic
+    length a comparison of sizes would be a guard)."""
+    if len(biases) == 1:
+        return biases[0]
+    return _cat([t.expand(t.shape[0], rows, t.shape[2]) for t in biases])
 
 
 def _cat(tensors: list[torch.Tensor], dim: int = 2) -> torch.Tensor:
@@ -247,7 +250,7 @@ def _global_rows(a: AttentionArgs, cdt: torch.dtype, idx: torch.Tensor) -> torch
             biases.append(torch.zeros(b, 1, pk.shape[2], dtype=cdt, device=qg.device))
     s = _bmm(qg, _cat(keys), transpose=True)  # (B, H, G, N (+ P))
     if biases:
-        s = s + _cat_biases(biases)[:, None]
+        s = s + _cat_biases(biases, 1 if a.document_ids is None else idx.shape[1])[:, None]
     e = torch.exp(s - _finite_max(s.amax(dim=-1, keepdim=True), cdt))
     denom = e.sum(dim=-1, keepdim=True)
     out = _bmm(_dropout(e, a.dropout_p), _cat(values))

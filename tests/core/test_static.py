@@ -151,16 +151,16 @@ def test_op_exported_with_dynamic_batch_and_length():
 
 
 class NewArguments(torch.nn.Module):
-    """The op with packed documents, `prefix_k_global` / `prefix_v_global` and a separately normalized prefix (a
-    `prefix_scale` per head), global tokens and padding: plain tensors in and out."""
+    """The op with packed documents, `prefix_k_global` / `prefix_v_global`, global tokens and padding, the prefix
+    normalized jointly plus normalized separately (a `prefix_scale` per head): plain tensors in and out."""
 
     def forward(self, q, k, v, is_global, key_padding_mask, document_ids, prefix_k, prefix_v, prefix_k_global,
                 prefix_v_global, prefix_scale):
-        return pk.longformer_attention(
-            q, k, v, window=6, is_global=is_global, key_padding_mask=key_padding_mask, q_global=v, k_global=q,
-            v_global=k, prefix_k=prefix_k, prefix_v=prefix_v, prefix_k_global=prefix_k_global,
-            prefix_v_global=prefix_v_global, prefix_normalization="separate", prefix_scale=prefix_scale,
-            document_ids=document_ids)
+        kwargs = dict(window=6, is_global=is_global, key_padding_mask=key_padding_mask, q_global=v, k_global=q,
+                      v_global=k, prefix_k=prefix_k, prefix_v=prefix_v, prefix_k_global=prefix_k_global,
+                      prefix_v_global=prefix_v_global, document_ids=document_ids)
+        return pk.longformer_attention(q, k, v, **kwargs) + pk.longformer_attention(
+            q, k, v, prefix_normalization="separate", prefix_scale=prefix_scale, **kwargs)
 
 
 def new_arguments_inputs(b: int, n: int, seed: int, globals_per_row: int, documents: list[int]) -> tuple:
