@@ -1,5 +1,5 @@
 """What the tests share: one input builder, the names of the inputs that get a gradient, the error rule against the
-reference, and where each backend runs here.
+reference, the check that an exported graph holds no `N x N` tensor, and where each backend runs here.
 
 Imported as `from helpers import ...`: pytest's default ("prepend") import mode puts this directory on `sys.path`
 before it imports a test module from it, and `conftest.py` puts it there under any import mode.
@@ -270,6 +270,31 @@ def check_against_reference(fn, inputs: Mapping[str, torch.Tensor], masks: Masks
     assert_matches_reference(got, ref, base, atol=ATOL[dtype] if atol is None else atol,
                              key_padding_mask=masks.get("key_padding_mask"), label=label)
     return got
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exported graphs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def assert_no_square_tensor(program, length_input: str) -> None:
+    """For a `torch.export.ExportedProgram` traced with a dynamic length (dimension 1 of the input named
+    `length_input`): no value of the graph has two dimensions that grow with the length (an `N x N` tensor, whatever
+    the length), and every call is an ATen op, `getitem` or arithmetic on sizes."""
+    import operator
+
+    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == length_input)
+    symbols = placeholder.meta["val"].shape[1].node.expr.free_symbols
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            target = node.target
+            standard = isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
+            assert standard or target is operator.getitem or target.__module__ in ("_operator", "torch"), target
+        vals = node.meta.get("val")
+        for val in vals if isinstance(vals, (tuple, list)) else (vals,):
+            if isinstance(val, torch.Tensor):
+                grows = [s for s in val.shape if isinstance(s, torch.SymInt) and s.node.expr.free_symbols & symbols]
+                assert len(grows) <= 1, f"{node.format_node()}: shape {tuple(val.shape)} grows with N twice"
 
 
 # ------------------------------------------------------------------------------------------------------------

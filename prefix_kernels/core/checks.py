@@ -200,7 +200,8 @@ def check_inputs(
     document_ids = _check_documents(document_ids, pad, b, n, q.device)
 
     if softmax_scale is None:
-        softmax_scale = d**-0.5
+        # `int(d)`: the legacy ONNX exporter traces sizes as tensors; the head dim is static.
+        softmax_scale = int(d) ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise ValueError(f"softmax_scale must be a float, got {softmax_scale!r}")
     if not (float(softmax_scale) > 0 and float(softmax_scale) < float("inf")):

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .tracing import is_tracing
+
 
 class TensorCache:
     """`get(sources, build, key)`: `build()`'s value, reused while the same `sources` tensors live unchanged."""
@@ -89,15 +91,17 @@ def _inference_entry(full_key: tuple, sources: tuple[torch.Tensor, ...], build: 
 
 def cached(namespace: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any], key: Hashable = ()) -> Any:
     """`build()`, computed once while the `sources` tensors live unchanged (the rule of this module's docstring).
-    `namespace` keeps the users of the one cache apart; `key` adds what else the value depends on."""
+    `namespace` keeps the users of the one cache apart; `key` adds what else the value depends on. While a tracer
+    runs (`torch.compile`, an exporter), `build()` every time: a value built before the trace is no function of the
+    traced inputs, and the legacy ONNX exporter would bake it into the graph as a constant."""
+    if is_tracing():
+        return build()
     return _CACHE.get(sources, build, (namespace, key))
 
 
 def global_without_padding(glob: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """`glob & ~pad`, the same tensor object for the same two masks, so that the global index cache hits and only
     the first layer of a model reads the global count back."""
-    if torch.compiler.is_compiling():
-        return glob & ~pad
     return cached("global_without_padding", (glob, pad), lambda: glob & ~pad)
 
 

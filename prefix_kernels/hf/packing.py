@@ -137,7 +137,9 @@ class _PackedModel:
         if wants_maps:
             raise ValueError("output_attentions=True is not supported with packed documents (restarting "
                              "position_ids): HF's attention layouts have no document boundaries")
-        ids = pad_to_window(ids, self.config)
+        if not is_exporting():
+            # As HF pads the sequence. While an exporter traces, the patched model pads nothing (`patching.py`).
+            ids = pad_to_window(ids, self.config)
         modules = [m for m in self.modules() if isinstance(m, _FusedSelfAttention)]
         for module in modules:
             module._prefix_kernels_documents = ids

@@ -15,12 +15,28 @@ host, `is_index_global_attn.flatten().any().item()`, and branch on it; the patch
 (the op handles a batch without global tokens itself). Patching also swaps each encoder's class for a subclass
 whose `forward`, while `torch.compile` or an exporter traces it, runs HF's own `forward` with that `.item()`
 answering the Python constant `True`: the graph then has no host read and no branch on the masks, so changing
-only the masks never recompiles. The patched attention itself is `hf/self_attention.py`.
+only the masks never recompiles.
+
+Exporting, at the model level (`_ExportableModel`, in front of `LongformerModel` and `LEDEncoder`, so patching swaps
+`LongformerModel`'s class too), two more things, only while an exporter traces:
+
+* HF pads every input to a multiple of the attention window (`_pad_to_window_size`), which HF's own attention needs
+  and the patched attention does not: it takes any length, and the padding rows are cut off again. That padding
+  branches on the length (`if padding_len > 0`), which an exporter cannot express for a dynamic length, so a model
+  whose attention is all patched skips it: the same outputs, fewer rows, a length that may be any size;
+* HF builds its 2D float mask by expanding it to `(B, 1, N, N)` and keeping the first query row (`LEDEncoder`, and
+  `LongformerModel` in transformers 5): the same values are built as `(B, 1, 1, N)`, so the graph holds no
+  `N x N` tensor.
+
+The patched attention itself is `hf/self_attention.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,14 +56,14 @@ _LED = "transformers.models.led.modeling_led"
 _HF_LOCATIONS = {
     "attention": ((_LONGFORMER, "LongformerSelfAttention"), (_LED, "LEDEncoderSelfAttention")),
     "encoder": ((_LONGFORMER, "LongformerEncoder"), (_LED, "LEDEncoder")),
-    "model": ((_LONGFORMER, "LongformerModel"),),  # packed documents (`packing.py`); LED's encoder has no positions
+    "model": ((_LONGFORMER, "LongformerModel"),),  # packed documents (`packing.py`), export; LED pads in its encoder
 }
 _ORIGINALS: dict[str, type] = {}  # "module:name" -> the HF class, recorded before any class patch
 _PATCHED: dict[type, type] = {}  # HF class (or a user subclass) -> its patched subclass
 
 
 def _hf_classes(kind: str = "attention") -> dict[str, type]:
-    """The original HF classes of `kind` ("attention" or "encoder") by location, importing only those the
+    """The original HF classes of `kind` ("attention", "encoder" or "model") by location, importing only those the
     installed transformers has."""
     import importlib
 
@@ -80,6 +96,16 @@ class _GlobalFlagIsConstant(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _wants_maps(module: nn.Module, call: dict) -> bool:
+    """Whether an HF forward call asks for attention maps (its argument, else the config's default)."""
+    wants = call.get("output_attentions")
+    return bool(getattr(module.config, "output_attentions", False) if wants is None else wants)
+
+
+def _all_fused(module: nn.Module) -> bool:
+    return all(isinstance(m, _FusedSelfAttention) for m in _attention_modules(module))
+
+
 class _TraceableEncoder:
     """Mixin placed in front of HF's `LongformerEncoder` / `LEDEncoder`: the same `forward`, without the
     host read of the batch-wide global flag while `torch.compile` or an exporter traces it; run eagerly, inside
@@ -94,13 +120,100 @@ class _TraceableEncoder:
                 return super().forward(*args, **kwargs)
         call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
         call.update(kwargs)
-        wants_maps = call.get("output_attentions")
-        if wants_maps is None:
-            wants_maps = getattr(self.config, "output_attentions", False)
-        if wants_maps or not all(isinstance(m, _FusedSelfAttention) for m in _attention_modules(self)):
+        if _wants_maps(self, call) or not _all_fused(self):
             return super().forward(*args, **kwargs)  # HF's own attention: it needs the real flag
         with _GlobalFlagIsConstant():
             return super().forward(*args, **kwargs)
+
+
+# Whether the `_ExportableModel` forward being traced skips the window padding (innermost last). A plain list,
+# not module state: the exporters trace Python as it runs, and nothing here is part of the graph.
+_UNPADDED: list[bool] = []
+
+
+def _padding_bias(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """What transformers 5's `create_bidirectional_mask` gives `LongformerModel` for a 2D mask (0 where a key is
+    attended, the dtype's lowest value elsewhere), as `(B, 1, 1, N)`: the model keeps only `[:, 0, 0, :]`."""
+    dtype = inputs_embeds.dtype
+    zero = torch.zeros((), dtype=dtype, device=inputs_embeds.device)
+    return torch.where(attention_mask.to(inputs_embeds.device).bool(), zero, torch.finfo(dtype).min)[:, None, None]
+
+
+def _one_query_row(prepare: Callable) -> Callable:
+    """LED's `_prepare_4d_attention_mask_inverted` with one query row (`tgt_len=1`) unless another is asked for: the
+    encoder keeps only `[:, 0, 0, :]`."""
+
+    def prepare_one_row(mask, dtype, tgt_len=None):
+        return prepare(mask, dtype, 1 if tgt_len is None else tgt_len)
+
+    return prepare_one_row
+
+
+@contextlib.contextmanager
+def _masks_without_query_rows() -> Iterator[None]:
+    """The modeling modules' mask builders replaced, for the traced forward, by ones that build the row HF keeps."""
+    import importlib
+
+    replaced = []
+    for module_name, name, replacement in ((_LONGFORMER, "create_bidirectional_mask", lambda f: _padding_bias),
+                                           (_LED, "_prepare_4d_attention_mask_inverted", _one_query_row)):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, name, None)
+        if original is not None:
+            replaced.append((module, name, original))
+            setattr(module, name, replacement(original))
+    try:
+        yield
+    finally:
+        for module, name, original in reversed(replaced):
+            setattr(module, name, original)
+
+
+class _ExportableModel:
+    """Mixin placed in front of HF's `LongformerModel` (and, with `_TraceableEncoder`, `LEDEncoder`): while an
+    exporter traces it, HF's mask builders make the one row of the mask HF keeps, not `(B, 1, N, N)`, and, for a model
+    whose attention is all patched and when no attention maps are asked for, `_pad_to_window_size` pads nothing (the
+    patched attention takes any length; HF's padding rows would only be cut off again), so the exported length may
+    be dynamic. Eagerly and under `torch.compile`, HF's own forward."""
+
+    _hf_class: type
+    _hf_arg_names: tuple[str, ...]
+
+    def forward(self, *args, **kwargs):
+        if not is_exporting():
+            return super().forward(*args, **kwargs)
+        call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
+        call.update(kwargs)
+        _UNPADDED.append(_all_fused(self) and not _wants_maps(self, call))
+        try:
+            with _masks_without_query_rows():
+                return super().forward(*args, **kwargs)
+        finally:
+            _UNPADDED.pop()
+
+    def _pad_to_window_size(self, *args, **kwargs):
+        if not (_UNPADDED and _UNPADDED[-1]):
+            return super()._pad_to_window_size(*args, **kwargs)
+        # HF returns `(padding_len, *its tensor arguments in order)`, `pad_token_id` left out.
+        names = tuple(inspect.signature(self._hf_class._pad_to_window_size).parameters)[1:]
+        call = dict(zip(names[: len(args)], args, strict=True))
+        call.update(kwargs)
+        return (0, *(call.get(name) for name in names if name != "pad_token_id"))
+
+
+class _PatchedModel(_PackedModel, _ExportableModel):
+    """`LongformerModel`'s mixin: the packed documents of a call (`packing.py`), then the exporters' tracing."""
+
+
+class _TraceableLEDEncoder(_TraceableEncoder, _ExportableModel):
+    """`LEDEncoder`'s mixin: it reads the global flag and pads to the window both."""
+
+
+def _encoder_mixin(cls: type) -> type:
+    return _TraceableLEDEncoder if hasattr(cls, "_pad_to_window_size") else _TraceableEncoder
 
 
 def _patched_class(cls: type, mixin: type) -> type:
@@ -109,14 +222,27 @@ def _patched_class(cls: type, mixin: type) -> type:
     if cls not in _PATCHED:
         names = tuple(inspect.signature(cls.forward).parameters)[1:]  # drop `self`
         qualname = f"Fused{cls.__name__}"
+        attrs = {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname}
+        if hasattr(mixin, "forward"):
+            attrs["forward"] = _with_signature_of(mixin.forward, cls.forward)
         patched = type(
             cls.__name__,  # same name: accelerate's `no_split_modules` and HF's module lists match by name
             (mixin, cls),
-            {"_hf_class": cls, "_hf_arg_names": names, "__module__": __name__, "__qualname__": qualname},
+            attrs,
         )
         globals()[qualname] = patched  # picklable by its qualified name
         _PATCHED[cls] = patched
     return _PATCHED[cls]
+
+
+def _with_signature_of(forward, hf_forward):
+    """`forward` showing `hf_forward`'s signature to `inspect` (HF `Trainer` picks dataset columns by it, the prefix
+    methods bind positional arguments by it)."""
+
+    def patched_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return functools.update_wrapper(patched_forward, hf_forward)
 
 
 def _fused_class(cls: type) -> type:
@@ -130,6 +256,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _encoder_modules(model: nn.Module, kind: str = "encoder") -> list[nn.Module]:
+    """The modules of `model` that are HF's classes of `kind` ("encoder" or "model")."""
     targets = tuple(_hf_classes(kind).values())
     return [m for m in model.modules() if isinstance(m, targets)]
 
@@ -172,10 +299,10 @@ def patch_longformer(model: nn.Module, backend: str = "auto") -> nn.Module:
         module._prefix_kernels_backend = backend
     for encoder in _encoder_modules(model):
         if not isinstance(encoder, _TraceableEncoder):
-            encoder.__class__ = _patched_class(type(encoder), _TraceableEncoder)
+            encoder.__class__ = _patched_class(type(encoder), _encoder_mixin(type(encoder)))
     for base in _encoder_modules(model, "model"):
-        if not isinstance(base, _PackedModel):
-            base.__class__ = _patched_class(type(base), _PackedModel)
+        if not isinstance(base, _PatchedModel):
+            base.__class__ = _patched_class(type(base), _PatchedModel)
     _quiet_padding_notice_when_traced()
     return model
 
@@ -190,9 +317,9 @@ def unpatch_longformer(model: nn.Module) -> nn.Module:
                              "attention cannot compute; keep it patched")
         module.__class__ = type(module)._hf_class
         module.__dict__.pop("_prefix_kernels_backend", None)
-    for encoder in model.modules():
-        if isinstance(encoder, (_TraceableEncoder, _PackedModel)):
-            encoder.__class__ = type(encoder)._hf_class
+    for module in model.modules():
+        if isinstance(module, (_TraceableEncoder, _ExportableModel, _PackedModel)):
+            module.__class__ = type(module)._hf_class
     return model
 
 
@@ -228,10 +355,10 @@ def patch_longformer_classes(backend: str = "auto") -> _ClassPatch:
         setattr(importlib.import_module(module_name), name, patched)
     for key, cls in _hf_classes("encoder").items():
         module_name, name = key.split(":")
-        setattr(importlib.import_module(module_name), name, _patched_class(cls, _TraceableEncoder))
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _encoder_mixin(cls)))
     for key, cls in _hf_classes("model").items():
         module_name, name = key.split(":")
-        setattr(importlib.import_module(module_name), name, _patched_class(cls, _PackedModel))
+        setattr(importlib.import_module(module_name), name, _patched_class(cls, _PatchedModel))
     _quiet_padding_notice_when_traced()
     return _ClassPatch()
 

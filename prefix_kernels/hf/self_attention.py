@@ -182,13 +182,13 @@ _SEPARATE_KEYS = ("prefix_k", "prefix_v", "prefix_k_global", "prefix_v_global", 
 
 
 def _separate_in_the_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: dict, backend: str) -> bool:
-    """Whether the op computes the "exp" prefix itself (its `prefix_normalization="separate"`): not while an exporter
-    traces (the export formulation has no separate prefix), and only where the backend that serves the call is the
-    one that serves it without the prefix. A backend that declines the feature (the Triton kernels for now, the CUDA
-    library) would otherwise hand the whole call to a slower one, or (named explicitly) fail: the prefix is then
-    computed beside the op instead, with the same semantics, and the op serves the rest."""
+    """Whether the op computes the "exp" prefix itself (its `prefix_normalization="separate"`): always while an
+    exporter traces (the export formulation, `core/static.py`, has it), else only where the backend that serves the
+    call is the one that serves it without the prefix. A backend that declines the feature (the Triton kernels for
+    now, the CUDA library) would otherwise hand the whole call to a slower one, or (named explicitly) fail: the
+    prefix is then computed beside the op instead, with the same semantics, and the op serves the rest."""
     if is_exporting():
-        return False
+        return True
     with_prefix = serving_backend(check_inputs(q, k, v, **call), backend)
     plain = {key: value for key, value in call.items() if key not in _SEPARATE_KEYS}
     return with_prefix is not None and with_prefix == serving_backend(check_inputs(q, k, v, **plain), backend)

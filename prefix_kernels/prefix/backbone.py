@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..hf.patching import _LED, _attention_modules, _hf_classes
+from ..hf.patching import _LED, _LONGFORMER, _attention_modules, _hf_classes
 
 
 class _Backbone:
     """What the prefixes need to know about a model: its base module, layers, attention modules and sizes."""
 
     def __init__(self, model: nn.Module):
-        from transformers.models.longformer.modeling_longformer import LongformerModel
-
-        # HF's own class: while the classes are patched, the module-level name is the patched subclass.
+        # HF's own classes: while the classes are patched, the module-level names are the patched subclasses.
+        LongformerModel = _hf_classes("model")[f"{_LONGFORMER}:LongformerModel"]  # noqa: N806
         LEDEncoder = _hf_classes("encoder").get(f"{_LED}:LEDEncoder", ())  # noqa: N806
         try:
             from transformers.models.led.modeling_led import LEDModel

@@ -33,6 +33,7 @@ from transformers.models.longformer.modeling_longformer import LongformerSelfAtt
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.core import masks  # noqa: E402
 from prefix_kernels.hf.patching import (  # noqa: E402
+    _ExportableModel,
     _TraceableEncoder,
     is_patched,
     patch_longformer,
@@ -247,9 +248,11 @@ def test_unpatch_restores_hf():
     hf = build("LongformerForQuestionAnswering")
     ours = patched_copy(hf)
     assert isinstance(ours.longformer.encoder, _TraceableEncoder)
+    assert isinstance(ours.longformer, _ExportableModel)
     unpatch_longformer(ours)
     assert not is_patched(ours)
     assert type(ours.longformer.encoder) is type(hf.longformer.encoder)
+    assert type(ours.longformer) is type(hf.longformer)
     assert all(type(m) is LongformerSelfAttention for m in ours.modules() if isinstance(m, LongformerSelfAttention))
     assert all("_prefix_kernels_backend" not in vars(m) for m in ours.modules())
     inputs = batch("LongformerForQuestionAnswering")
@@ -268,13 +271,26 @@ def test_class_patch_and_pretrained_round_trip(tmp_path):
         unpatch_longformer_classes()
     assert is_patched(loaded) and not is_patched(plain)
     assert isinstance(loaded.longformer.encoder, _TraceableEncoder)
+    assert isinstance(loaded.longformer, _ExportableModel)
     assert not isinstance(plain.longformer.encoder, _TraceableEncoder)
+    assert not isinstance(plain.longformer, _ExportableModel)
     assert {m._prefix_kernels_backend for m in loaded.modules() if hasattr(m, "_prefix_kernels_backend")} == {
         "reference"
     }
     inputs = batch("LongformerForSequenceClassification")
     torch.testing.assert_close(loaded(**inputs).logits, hf(**inputs).logits, atol=TOL, rtol=0)
     torch.testing.assert_close(plain(**inputs).logits, hf(**inputs).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["LongformerModel", "LEDModel"])
+def test_patched_forwards_show_hf_signatures(name):
+    """`Trainer` picks dataset columns by the model's `forward` signature, the prefix methods bind positional
+    arguments by it: the swapped classes show HF's."""
+    hf = build(name)
+    ours = patched_copy(hf)
+    for mine, theirs in zip(ours.modules(), hf.modules(), strict=True):
+        if type(mine) is not type(theirs):
+            assert inspect.signature(mine.forward) == inspect.signature(theirs.forward), type(mine).__name__
 
 
 def test_pickle_and_deepcopy(tmp_path):

@@ -425,9 +425,10 @@ def exported_case(method: str, kernel: str):
 
 @pytest.mark.parametrize("method, kernel", [("propagation", "exp"), ("tuning", "rbf")])
 def test_torch_export(method, kernel):
-    """`torch.export` of a model with a separate prefix: the export formulation computes the rows without prefix
-    keys (it has no separate prefix of its own) and `B` is added beside it in standard ops, "exp" included; the
-    graph gives eager's numbers for the traced masks and others."""
+    """`torch.export` of a model with a separate prefix: the export formulation computes "exp" itself (its
+    `prefix_normalization="separate"`, with prefix-propagation's `prefix_k_global` / `prefix_v_global`); for "rbf"
+    the rows without prefix keys, `B` added beside them in standard ops; the graph gives eager's numbers for the
+    traced masks and others."""
     model, example, cases = exported_case(method, kernel)
     run = torch.export.export(model, example).module()
     with torch.no_grad():
