@@ -32,6 +32,7 @@ from transformers.models.longformer.modeling_longformer import LongformerSelfAtt
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.core import masks  # noqa: E402
+from prefix_kernels.hf.packing import _PackedModel  # noqa: E402
 from prefix_kernels.hf.patching import (  # noqa: E402
     _ExportableModel,
     _TraceableEncoder,
@@ -285,12 +286,19 @@ def test_class_patch_and_pretrained_round_trip(tmp_path):
 @pytest.mark.parametrize("name", ["LongformerModel", "LEDModel"])
 def test_patched_forwards_show_hf_signatures(name):
     """`Trainer` picks dataset columns by the model's `forward` signature, the prefix methods bind positional
-    arguments by it: the swapped classes show HF's."""
+    arguments by it: the swapped classes show HF's (`LongformerModel`'s with the keyword-only `document_ids` of
+    packed documents added before `**kwargs`)."""
     hf = build(name)
     ours = patched_copy(hf)
     for mine, theirs in zip(ours.modules(), hf.modules(), strict=True):
         if type(mine) is not type(theirs):
-            assert inspect.signature(mine.forward) == inspect.signature(theirs.forward), type(mine).__name__
+            shown = dict(inspect.signature(mine.forward).parameters)
+            if isinstance(mine, _PackedModel):
+                extra = shown.pop("document_ids")
+                assert extra.kind is inspect.Parameter.KEYWORD_ONLY and extra.default is None
+            expected = inspect.signature(theirs.forward)
+            assert list(shown.values()) == list(expected.parameters.values()), type(mine).__name__
+            assert inspect.signature(mine.forward).return_annotation == expected.return_annotation
 
 
 def test_pickle_and_deepcopy(tmp_path):
