@@ -128,7 +128,8 @@ def test_a_packed_row_equals_each_document_alone(backend, problem):
         for doc in ids[row].unique().tolist():
             cols = (ids[row] == doc).nonzero()[:, 0]
             lo, hi = int(cols[0]), int(cols[-1]) + 1
-            alone_in = {k: (t[row : row + 1, lo:hi] if t.dim() == 4 and t.shape[1] == n else
+            # Token tensors by name, not by shape (a prefix of P = N keys is no token tensor).
+            alone_in = {k: (t[row : row + 1, lo:hi] if not k.startswith("prefix") else
                             t[row : row + 1] if t.dim() == 4 else t) for k, t in inputs.items()}
             alone_masks = {k: t[row : row + 1, lo:hi] for k, t in masks.items() if k != "document_ids"}
             alone = run_with_grads(op(backend), alone_in, alone_masks, window, torch.float32,
