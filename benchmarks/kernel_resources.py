@@ -1,19 +1,20 @@
 """Compile every Triton kernel for a GPU architecture on any machine (no GPU needed) and report, per kernel,
-its registers per thread, spill stack and shared memory, and per loop the SASS instructions one warp issues per
-tile.
+its registers per thread, spill stack, shared memory and local-memory (spill) accesses, and per loop the SASS
+instructions one warp issues per tile and the spill accesses in its body.
 
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16,float16,float32] [--head-dim 32,64,128]
-                                          [--dropout 0.1] [--fp32-precision highest|high] [--json out.json]
-                                          [--no-sass]
+                                          [--dropout 0.1] [--fp32-precision highest|high] [--seq-len 320,300]
+                                          [--globals 3] [--prefix 4] [--window 40] [--json out.json] [--no-sass]
 
 The real launchers `prefix_kernels.backends.triton.launch.forward` / `backward` run on small CPU tensors with global
-tokens, prefix keys, padding and (optionally) dropout, once with the global projections and once without them (local
-rows only, rows marked `local`), so every kernel is specialized exactly as a GPU call specializes it and built with
-the GPU tile configuration; Triton compiles each launch down to a cubin and does not
-launch it. `cuobjdump` (shipped with Triton) reads the registers and stack from the cubin. Two uses: a compile
+tokens (`--globals` in the first row: 17 gives the headline's 32-slot global block, more than 64 the backward's loop
+over global blocks), prefix keys, padding and (optionally) dropout, once with the global projections and once
+without them (local rows only, rows marked `local`), so every kernel is specialized exactly as a GPU call of that
+shape specializes it and built with the GPU tile configuration; Triton compiles each launch down to a cubin and
+does not launch it. Sequence lengths above 512 give the global rows several key splits, as long inputs do.
+`cuobjdump` (shipped with Triton) reads the registers and stack from the cubin. Two uses: a compile
 check that runs in CI (the interpreter tests never run Triton's compiler), and a first look at register pressure
-(a non-zero STACK is a spill to local memory) and at the work per tile before timing on a GPU. The compiler is
-this machine's Triton, which may differ from the GPU machine's.
+(a non-zero STACK is a spill to local memory) and at the work per tile before timing on a GPU.
 
 SASS per tile, the method: `nvdisasm -c -gi` (also shipped with Triton) disassembles the cubin with line info.
 Every backward branch closes a loop: its body is the instructions from the branch target to the branch. Inside
@@ -24,7 +25,13 @@ the longest (everything the body can execute: the element mask, and dropout when
 counted. A loop that holds another loop is left out (its tiles are the inner loop's). Each loop is named after
 the innermost Python `for` whose lines cover at least half as much of its body as the best-covering one (by the
 instructions' innermost source lines, else by their inline chains), and the line of the helper call it sits in.
-Counts are per warp and per tile: every warp of the program issues the same instructions.
+Counts are per warp and per tile: every warp of the program issues the same instructions. A loop's *spill*
+column counts the local-memory loads and stores (`LDL`, `STL`) in its body: a spill inside a tile loop costs on
+every tile, one outside the loops once per program.
+
+The compiler is the `triton` this process imports: `PYTHONPATH=DIR` with another Triton installed in `DIR`
+(`pip install --no-deps --target DIR "triton==3.6.*"`) compiles with that one (torch does not import triton); each
+row records the version.
 
 Run it in its own process: it replaces Triton's active driver with one that only names the target.
 
@@ -225,32 +232,56 @@ def sass_per_tile(cubin: bytes, sources: list[str]) -> list[dict]:
         # The same loop inlined twice through the same call line: number the copies in code order.
         copies = sum(r["loop"].split(" #")[0] == name for r in rows)
         rows.append(dict(loop=name + (f" #{copies + 1}" if copies else ""), code=best[4], interior=interior,
-                         edge=edge))
+                         edge=edge, spill_ops=sum(_is_spill_op(t) for t, _, _ in body)))
     return rows
 
 
-def _problem(dtype: torch.dtype, head_dim: int, n: int):
-    """Small inputs that reach every kernel: 2 rows with different global counts, a prefix, padding. `n` a multiple
-    of every tile (as long, window-padded inputs are) compiles the full-tile specializations, another `n` the
-    ragged ones."""
+def _is_spill_op(instruction: str) -> bool:
+    """A local-memory load or store (`LDL`, `STL`, any width, predicated or not): where the kernel reads or writes
+    its spill stack."""
+    op = instruction.split()[1] if instruction.startswith("@") and " " in instruction else instruction.split()[0]
+    return op.split(".")[0] in ("LDL", "STL")
+
+
+def spill_ops(cubin: bytes) -> int:
+    """How many local-memory loads and stores the whole kernel holds (0 when it keeps no stack)."""
+    return sum(_is_spill_op(t) for t, _, _ in _disassemble(cubin))
+
+
+def _problem(dtype: torch.dtype, head_dim: int, n: int, num_global: int = 3, num_prefix: int = 4, window: int = 40):
+    """Small inputs that reach every kernel: 2 rows, the first with `num_global` global tokens and the second with
+    one, `num_prefix` prefix keys, padding at the end of row 1. `n` a multiple of every tile (as long, window-padded
+    inputs are) compiles the full-tile specializations, another `n` the ragged ones; above 512 the global rows take
+    several key splits (a runtime count of 1 is specialized as a constant). The integer arguments specialize as on
+    a GPU call of the same shape: the global index is `(B, num_global)` as `core.masks.global_index` builds it."""
     g = torch.Generator().manual_seed(0)
-    b, h, p = 2, 2, 4
+    b, h = 2, 2
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
     q, k, v, qg, kg, vg = (rnd(b, n, h, head_dim) for _ in range(6))
-    pk, pv = rnd(b, p, h, head_dim), rnd(b, p, h, head_dim)
+    pk, pv = rnd(b, num_prefix, h, head_dim), rnd(b, num_prefix, h, head_dim)
     pad = torch.zeros(b, n, dtype=torch.bool)
     pad[1, -20:] = True
-    gidx = torch.tensor([[0, 7, 150], [3, 0, 0]], dtype=torch.int32)
-    gcnt = torch.tensor([3, 1], dtype=torch.int32)
-    return (q, k, v, qg, kg, vg, pk, pv, pad, gidx, gcnt), dict(window=40, scale=head_dim**-0.5, max_global=3)
+    if num_global == 3:  # the positions the recorded counts were taken with
+        positions = [0, 7, 150]
+    else:
+        positions = sorted({(i * 37) % (n - 20) for i in range(num_global)})
+        assert len(positions) == num_global, "num_global too large for n"
+    gidx = torch.zeros(b, num_global, dtype=torch.int32)
+    gidx[0] = torch.tensor(positions, dtype=torch.int32)
+    gidx[1, 0] = 3
+    gcnt = torch.tensor([num_global, 1], dtype=torch.int32)
+    return ((q, k, v, qg, kg, vg, pk, pv, pad, gidx, gcnt),
+            dict(window=window, scale=head_dim**-0.5, max_global=num_global))
 
 
-def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True, lengths=(320,)) -> list[dict]:
+def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True, lengths=(320,), num_global: int = 3,
+                num_prefix: int = 4, window: int = 40) -> list[dict]:
     """One row per compiled kernel specialization: config, kernel name, registers, stack, shared bytes and (with
-    `sass`) its loops' SASS instructions per tile."""
+    `sass`) its loops' SASS instructions per tile and the local-memory (spill) accesses of the kernel and of each
+    loop."""
     compiled: list = []
     run = JITFunction.run
 
@@ -266,7 +297,7 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
     try:
         for dtype, d, n in itertools.product(dtypes, head_dims, lengths):
             for local in (False, True):
-                inputs, kw = _problem(dtype, d, n)
+                inputs, kw = _problem(dtype, d, n, num_global, num_prefix, window)
                 if local:  # local rows only: a global index without the global projections
                     inputs = (*inputs[:3], None, None, None, *inputs[6:])
                 kw.update(dropout_p=dropout_p, seed=1)
@@ -283,10 +314,12 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
                     if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
                         dt += "-tf32"
                     row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, n=n, dropout=dropout_p > 0, local=local,
-                               kernel=name, warps=md.num_warps, stages=md.num_stages, shared=md.shared,
+                               globals=num_global, prefix=num_prefix, kernel=name, warps=md.num_warps,
+                               stages=md.num_stages, shared=md.shared, triton=triton.__version__,
                                **_resources(kernel.asm["cubin"]))
                     if sass:
                         row["loops"] = sass_per_tile(kernel.asm["cubin"], SOURCES)
+                        row["spill_ops"] = spill_ops(kernel.asm["cubin"]) if row["stack"] else 0
                     rows.append(row)
     finally:
         JITFunction.run = run
@@ -295,25 +328,29 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
 
 
 def _label(r: dict) -> str:
-    return (f"{r['arch']} {r['dtype']} D={r['head_dim']} N={r['n']}{' drop' if r['dropout'] else ''}"
+    extra = "" if (r.get("globals", 3), r.get("prefix", 4)) == (3, 4) else f" G={r['globals']} P={r['prefix']}"
+    return (f"{r['arch']} {r['dtype']} D={r['head_dim']} N={r['n']}{extra}{' drop' if r['dropout'] else ''}"
             f"{' local' if r.get('local') else ''}")
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'config':<36} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'shared':>7}"
+    head = (f"{'config':<46} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'shared':>7} "
+            f"{'spill ops':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         cfg = _label(r)
-        lines.append(f"{cfg:<36} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
-                     f"{r['stack']:>6} {r['shared']:>7}")
+        lines.append(f"{cfg:<46} {r['kernel']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
+                     f"{r['stack']:>6} {r['shared']:>7} {r.get('spill_ops', ''):>9}")
     if any(r.get("loops") for r in rows):
-        head = f"{'config':<36} {'kernel':<28} {'loop (function:line, via call line)':<44} {'interior':>8} {'edge':>6}"
-        lines += ["", "SASS instructions per warp per tile", head, "-" * len(head)]
+        head = (f"{'config':<46} {'kernel':<28} {'loop (function:line, via call line)':<44} {'interior':>8} "
+                f"{'edge':>6} {'spill':>5}")
+        lines += ["", "SASS instructions per warp per tile (spill: local-memory accesses in the loop body)", head,
+                  "-" * len(head)]
         for r in rows:
             cfg = _label(r)
             for lp in r.get("loops", []):
-                lines.append(f"{cfg:<36} {r['kernel']:<28} {lp['loop']:<44} {lp['interior']:>8} {lp['edge']:>6}"
-                             f"   {lp['code'][:60]}")
+                lines.append(f"{cfg:<46} {r['kernel']:<28} {lp['loop']:<44} {lp['interior']:>8} {lp['edge']:>6} "
+                             f"{lp['spill_ops']:>5}   {lp['code'][:60]}")
     return "\n".join(lines)
 
 
@@ -328,6 +365,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--no-sass", action="store_true", help="skip the SASS per-tile counts")
     ap.add_argument("--seq-len", default="320,300", help="N of the compiled problems (320: full tiles only)")
+    ap.add_argument("--globals", type=int, default=3,
+                    help="global tokens of the first row (the global block is the next power of 2, 16 to 64; more "
+                    "than 64 loop over global blocks)")
+    ap.add_argument("--prefix", type=int, default=4, help="prefix keys")
+    ap.add_argument("--window", type=int, default=40, help="one-sided window")
     a = ap.parse_args(argv)
     why = missing_tools()
     if why:
@@ -336,7 +378,8 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision(a.fp32_precision)
     rows = compile_all(a.arch, [getattr(torch, s) for s in a.dtype.split(",")],
                        [int(s) for s in a.head_dim.split(",")], a.dropout, sass=not a.no_sass,
-                       lengths=[int(s) for s in a.seq_len.split(",")])
+                       lengths=[int(s) for s in a.seq_len.split(",")], num_global=a.globals, num_prefix=a.prefix,
+                       window=a.window)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

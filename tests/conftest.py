@@ -9,6 +9,12 @@ Every test (or parametrized case) that runs on CUDA tensors is marked `gpu`, and
 without a CUDA device `pytest_collection_modifyitems` below skips it ("no CUDA device"), and `pytest -m gpu`
 selects exactly those. A finer reason (a backend unavailable, the interpreter taking CPU tensors only) comes from
 `helpers.skip_unless_runs` inside the test. What the tests share lives in `helpers.py`.
+
+GPU-like interpreter runs: `pytest --program-order reversed` (or `shuffled`, with `--program-order-seed`) runs
+every launch's programs in that order under the interpreter (`program_order.py`). The tests marked
+`program_order` cover every path of the Triton kernels; CI runs them once in each order
+(`pytest -m program_order --program-order ...`). Their outputs and the launchers' fp32 work buffers are
+NaN-filled before the kernels run (`poison_outputs`), in every order.
 """
 
 from __future__ import annotations
@@ -26,6 +32,35 @@ if not torch.cuda.is_available():
 # `helpers`, `tiny_models`, `dropout_masks` under any --import-mode (the default one adds this directory itself).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("prefix_kernels")
+    group.addoption("--program-order", choices=("natural", "reversed", "shuffled"), default="natural",
+                    help="the order in which Triton's interpreter runs the programs of every launch (GPU-like runs; "
+                    "default: grid order)")
+    group.addoption("--program-order-seed", type=int, default=0, help="seed of --program-order shuffled")
+
+
+def pytest_report_header(config):
+    order = config.getoption("--program-order")
+    if order != "natural":
+        seed = f", seed {config.getoption('--program-order-seed')}" if order == "shuffled" else ""
+        return [f"Triton interpreter: the programs of every launch run {order}{seed}"]
+    return []
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_program_order(request):
+    """Applies `--program-order` to the test (under the interpreter; compiled kernels run in the GPU's order)."""
+    order = request.config.getoption("--program-order")
+    if order == "natural" or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from program_order import program_order
+
+    with program_order(order, seed=request.config.getoption("--program-order-seed")):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

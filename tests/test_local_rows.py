@@ -61,6 +61,7 @@ CASES = {
 }
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_local_rows_only_op_matches_dense_reference(backend, device, case):
@@ -170,6 +171,7 @@ def check_triton_local_rows(monkeypatch, t, masks, window, dtype, dropout_p):
     assert (out[masks["is_global"]] == 0).all()
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("small_tiles", [True, False], ids=["interpreter_tiles", "gpu_tiles"])
 def test_local_rows_only_triton_dropout_uses_the_documented_mask(monkeypatch, small_tiles):
     """Under the interpreter, with its own tiles and with a GPU's: fp32, globals, padding, a prefix, p = 0.3."""
@@ -188,8 +190,11 @@ GPU_SHAPES = {0.0: (2, 2048, 12, 64, 256, 1800, 4), 0.1: (2, 1000, 4, 64, 256, 9
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dropout_p", list(GPU_SHAPES))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype,dropout_p", [
+    pytest.param(dtype, p, id=f"{str(dtype)[6:]}-{p}",
+                 # the GPU check's first tier: the local-rows-only path once without and once with dropout
+                 marks=pytest.mark.gpu_short if (dtype, p) in ((torch.bfloat16, 0.0), (torch.float16, 0.1)) else ())
+    for p in GPU_SHAPES for dtype in (torch.bfloat16, torch.float16, torch.float32)])
 def test_local_rows_only_triton_on_gpu(monkeypatch, dtype, dropout_p):
     """Compiled for the GPU, 0-17 globals per row, padding, a prefix, without and with dropout: output and the
     local gradients (`check_triton_local_rows`)."""

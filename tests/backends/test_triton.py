@@ -65,6 +65,7 @@ def case(name: str, device, dtype=torch.float64):
     return make_inputs(**CASES[name], dtype=dtype, device=device)
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("name,window", PARAMS)
 def test_fp32_matches_dense_reference(triton_device, name, window):
     t, masks = case(name, triton_device)
@@ -74,6 +75,7 @@ def test_fp32_matches_dense_reference(triton_device, name, window):
     assert out.shape == t["q"].shape
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("name,window", [("band", 16), ("mixed", 5), ("empty_row", 3)])
 def test_fp16_error_within_twice_pytorch_fp16(triton_device, name, window):
     """Error vs fp64 at most 2x that of the same computation in PyTorch on the fp16 inputs (fp32 softmax, fp16
@@ -118,25 +120,35 @@ print(" ".join(got))
     assert got[5:] in ([], ["tf32", "ieee", "tf32"])  # the newer API exists from PyTorch 2.9
 
 
+@pytest.mark.program_order
 @pytest.mark.skipif(not triton_interpreted(), reason="emulates a GPU's tiles in Triton's interpreter; where CUDA "
                     "is, tests/test_gpu.py runs these tiles compiled")
-@pytest.mark.parametrize("dtype,precision,d,n", [(torch.float32, "highest", 32, 530), (torch.float32, "high", 32, 530),
-                                                 (torch.float32, "high", 128, 530), (torch.float16, "highest", 32, 530),
-                                                 (torch.float16, "highest", 32, 512)])
-def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d, n):
+@pytest.mark.parametrize("dtype,precision,d,n,step", [(torch.float32, "highest", 32, 530, 27),
+                                                      (torch.float32, "high", 32, 530, 27),
+                                                      (torch.float32, "high", 128, 530, 27),
+                                                      (torch.float16, "highest", 32, 530, 27),
+                                                      (torch.float16, "highest", 32, 512, 27),
+                                                      (torch.float16, "highest", 32, 512, 7)])
+def test_gpu_tile_configuration_matches_dense_reference(monkeypatch, fp32_matmul_precision, dtype, precision, d, n,
+                                                        step):
     """The tiles an sm_90 GPU uses (fp32 IEEE: 32 x 32, backward 32 x 16, 8 warps; fp32 TF32: 64 x 64 (64 x 32 at
     D = 128), backward 32 x 32; fp16 / bf16: 64 x 64, backward 64 x 64 when N is a multiple of 64, else 32 x 64;
     key chunks of 512) through the interpreter (which computes TF32 dots in full fp32, hence the IEEE fp32 bound
-    for both fp32 settings): several query tiles, band tiles inside and across the band's edge, 20 globals (more
-    than one global tile of 16), one or two key chunks, a prefix, padding."""
+    for both fp32 settings): several query tiles, band tiles inside and across the band's edge, 20 globals in row
+    1 (a 32-slot global block) or, with `step` 7, 73 (more than 64: the forward's 64-slot blocks and the
+    backward's 32-query blocks), one or two key chunks, a prefix, padding."""
     monkeypatch.setattr(triton_attention, "SMALL_TILES", False)
     fp32_matmul_precision(precision)
     t, masks = make_inputs(2, n, 1, d, dtype=torch.float64, prefix=2,
-                           n_global={0: [0, 100, 101, n - 1], 1: list(range(3, n, 27))},
+                           n_global={0: [0, 100, 101, n - 1], 1: list(range(3, n, step))},
                            pad={1: list(range(n - 30, n))})
+    if step == 7:
+        cfg = triton_attention._config(d, n, int(masks["is_global"].sum(1).max()), "tf32", 2, False)
+        assert (cfg["BLOCK_G"], cfg["BWD_G"]) == (64, 32)
     check_against_reference(op("triton"), t, masks, 70, dtype, random_like(t["q"].shape, seed=1))
 
 
+@pytest.mark.program_order
 def test_padding_only_row_is_zero_and_finite_in_fp16(triton_device):
     t, masks = case("empty_row", triton_device)
     go = random_like(t["q"].shape, seed=1, device=triton_device)
@@ -224,6 +236,7 @@ def test_dropout_bits_follow_the_documented_philox_stream(triton_device):
     assert not torch.equal(want[0], want[1])  # heads draw different bits
 
 
+@pytest.mark.program_order
 @pytest.mark.parametrize("small_tiles", [True, False])
 def test_dropout_output_and_gradients_use_the_documented_mask(triton_device, monkeypatch, small_tiles):
     """Dropout masks rebuilt from the documented counter scheme (key positions `0..N-1`, prefix key `p` at

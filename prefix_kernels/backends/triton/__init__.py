@@ -49,6 +49,10 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   fp32 `DQG_ACC (B*H, G_pad, BLOCK_D)` by atomics. Every float atomic is relaxed: the adds commute, and only the
   next kernel reads the sums (kernel boundaries order them). On a GPU dQ and dQ_global are therefore not bitwise
   reproducible from run to run (the order of the fp32 adds varies); the forward, dK and dV are.
+* Launches: both launchers make the inputs' device the current one first (Triton launches on its current device
+  and stream), as the CUDA backend does. Head dims above 128, GPUs below compute capability 8.0 and GPUs with less
+  shared memory per block than their tiles use are refused by `cannot_serve` (the device's properties read once
+  per device), so `auto` moves on. With outputs poisoned (tests), the fp32 work buffers are NaN-filled too.
 * Memory access is through pointers, not TMA tensor descriptors. The inputs may have any strides and a descriptor
   needs a 16-byte aligned base and strides, so the pointer path has to exist anyway; it is the path the
   interpreter tests run, and a second, descriptor path would be checked only by compiling and on a GPU. With a

@@ -4,6 +4,8 @@ of `core/custom_op.py`), and the backend-module functions `unavailable_reason`, 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -20,6 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # this to run the GPU tile configurations through the interpreter too.
 SMALL_TILES = INTERPRET
 LOG2E = 1.4426950408889634
+ROW_STRIDE_LIMIT = 2**24  # row strides (elements) from here on overflow the kernels' 32-bit tile offsets
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -79,38 +82,72 @@ _TILES = {
     "ieee": {64: dict.fromkeys((90, 80), ((32, 32, 8, 2), (32, 16, 8, 2))),
              128: dict.fromkeys((90, 80), ((32, 16, 8, 2), (32, 16, 8, 2)))},
 }
+# The largest head dim the tile table serves. Wider heads would need tiles of their own: the D = 128 tiles at
+# BLOCK_D = 256 spill registers in the backward on both architectures and, in fp16 / bf16 on sm_90, need more
+# shared memory per block than the GPU offers (BENCHMARKS.md), so `cannot_serve` refuses them and `auto` moves on.
+MAX_HEAD_DIM = 128
+# Shared memory per block (bytes) that every kernel of a tile row stays within, as the compile check holds them
+# (`tests/backends/test_triton_compile.py`): sm_90's opt-in maximum for the sm_90 row; for the sm_80 row, that of
+# the sm_8x GPUs with the least (sm_86 / sm_89), so every compute capability from 8.0 runs it. A GPU that offers
+# less than its row needs is refused.
+TILE_SHARED_LIMIT = {90: 227 * 1024, 80: 99 * 1024}
+
+
+def _tile_row(arch: int) -> int:
+    """The tile table's arch row for a compute capability x 10: 90 from sm_90 on, else 80."""
+    return 90 if arch >= 90 else 80
 
 
 def _target_arch() -> int:
-    """The compile target's compute capability x 10, as Triton sees it (80 for anything below sm_90)."""
+    """The tile row of the compile target, as Triton sees it (the current device: the launchers make it the
+    inputs' device)."""
     try:
         arch = triton.runtime.driver.active.get_current_target().arch
     except Exception:  # no active GPU driver (e.g. the interpreter)
         return 90
-    return 90 if isinstance(arch, int) and arch >= 90 else 80
+    return _tile_row(arch) if isinstance(arch, int) else 80
+
+
+# Triton before 3.7 (3.6 is the GPU machine's) allocates the one-pass backward's registers with less room: with
+# all of the kernel's loops software-pipelined, some specializations spill inside a tile loop (the global rows' key
+# loop in fp16 / bf16 on sm_90 at D <= 64, the shared keys' query loop and the band loop in TF32) or keep a stack
+# outside them. For those only the band loop (the hot one, `NUM_STAGES`) is pipelined and the kernel's other loops
+# are not, which removes the spills and shortens the loops' SASS. Not where it lengthens them instead: fp16 / bf16
+# on sm_80 and at D = 128, the 32-row query tiles of a ragged N, and newer Triton, which keeps every loop
+# pipelined. BENCHMARKS.md has the counts.
+_PIPELINE_BAND_LOOP_ONLY = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < (3, 7)
 
 
 def _config(head_dim: int, n: int, num_global: int, dot_prec: str, dtype_bytes: int, dropout: bool) -> dict:
+    """Tiles and flags of one call. `BLOCK_G`: global tokens per block, for the forward and the finalize kernel;
+    `BWD_G`: the same for the backward kernel. `bwd_stages`: the backward's band loop pipelining depth;
+    `bwd_kernel_stages`: its other loops'."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = min(64, max(16, triton.next_power_of_2(max(num_global, 1))))
     if SMALL_TILES:
         # Small, unequal tiles: cheap on the CPU and they make short test sequences cross many tile edges.
-        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_M=16, BWD_N=32, CHUNK=32, Q_CHUNK=32,
-                    num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1)
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=16, BLOCK_G=16, BWD_G=16, BWD_M=16, BWD_N=32, CHUNK=32,
+                    Q_CHUNK=32, num_warps=4, num_stages=1, bwd_warps=4, bwd_stages=1, bwd_kernel_stages=1)
     precision = "ieee" if dot_prec == "ieee" else "tf32" if dtype_bytes == 4 else "16bit"
     arch = _target_arch()
     (bm, bn, warps, stages), (bwd_m, bwd_n, bwd_warps, bwd_stages) = _TILES[precision][
         64 if block_d <= 64 else 128][arch]
+    ragged_tiles = False
     if precision == "16bit" and dropout:
-        # The dropout bits push the backward past 255 registers (72-192 bytes of spill with the table's query
-        # tiles): half the rows fit.
+        # The dropout bits push the backward past 255 registers with the table's query tiles: half the rows fit.
         bwd_m //= 2
-    elif precision == "16bit" and n % bwd_m:
-        # So do the row-masked loads of a ragged N with 64-row query tiles (40-56 bytes of spill in fp16).
-        bwd_m = 32
+    elif precision == "16bit" and n % bwd_m and bwd_m > 32:
+        # So do the row-masked loads of a ragged N with 64-row query tiles in fp16.
+        bwd_m, ragged_tiles = 32, True
+    # More than 64 global tokens: the backward loops over blocks of global queries inside its key loop, and
+    # 64-query blocks spill there on sm_80; 32-query blocks do not (and pad 65-96 globals less).
+    bwd_g = 32 if num_global > 64 else block_g
+    band_loop_only = precision != "16bit" or (arch == 90 and block_d <= 64 and not ragged_tiles)
+    bwd_kernel_stages = 1 if _PIPELINE_BAND_LOOP_ONLY and band_loop_only else bwd_stages
     chunk = 1024 if n > 4096 else 512
-    return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=block_g, BWD_M=bwd_m, BWD_N=bwd_n, CHUNK=chunk,
-                Q_CHUNK=chunk, num_warps=warps, num_stages=stages, bwd_warps=bwd_warps, bwd_stages=bwd_stages)
+    return dict(BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=block_g, BWD_G=bwd_g, BWD_M=bwd_m, BWD_N=bwd_n,
+                CHUNK=chunk, Q_CHUNK=chunk, num_warps=warps, num_stages=stages, bwd_warps=bwd_warps,
+                bwd_stages=bwd_stages, bwd_kernel_stages=bwd_kernel_stages)
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -160,7 +197,7 @@ class _Launch:
                            dropout_p > 0)
         self.tables = _token_tables(key_padding_mask, global_idx if has_global else None,
                                     global_count if has_global else None, self.b, self.n, self.device)
-        self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
+        self.dummy = self.scratch(1)
         self.kind, self.special, self.slot = self.tables if self.tables is not None else (self.dummy,) * 3
         self.gidx = global_idx if has_global else self.dummy
         self.gcnt = global_count if has_global else self.dummy
@@ -174,12 +211,29 @@ class _Launch:
         return self.dummy if t is None else t
 
     def scratch(self, *shape):
-        return torch.empty(shape, dtype=torch.float32, device=self.device)
+        """An fp32 work buffer the kernels write before they read it (the placeholder for absent tensors too);
+        NaN-filled when outputs are poisoned (`core/poison.py`), so a read of anything no kernel wrote shows."""
+        return new_output(shape, torch.float32, self.device)
+
+
+def _on_device(device: torch.device):
+    """The device guard around the launches: Triton launches on its current device and that device's current
+    stream, so inputs on another GPU (`cuda:1` under `device_map="auto"`, manual model parallelism) make their
+    device the current one first, as the CUDA backend does. CPU tensors (the interpreter): nothing to do."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
             *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
     """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (log2 domain, `+inf` = no key)."""
+    with _on_device(q.device):
+        return _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+                        global_count, window=window, scale=scale, dropout_p=dropout_p, seed=seed,
+                        max_global=max_global)
+
+
+def _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
+             *, window, scale, dropout_p, seed, max_global):
     q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = map(
         _unit_d, (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
     has_global = global_idx is not None and max_global > 0
@@ -187,6 +241,7 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
     L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
                 global_rows)
     b, n, h, d, cfg = L.b, L.n, L.h, L.d, L.cfg
+    window = min(window, n)  # the same key sets; a window near 2**31 would overflow the band bounds' int32 sums
     out = new_output((b, n, h, d), q.dtype, L.device)
     lse = new_output((b, h, n), torch.float32, L.device)
     if n == 0:
@@ -218,6 +273,18 @@ def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_paddi
 def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
              global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
     """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
+    with _on_device(q.device):
+        return _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask,
+                         global_idx, global_count, out, lse, window=window, scale=scale, dropout_p=dropout_p,
+                         seed=seed, max_global=max_global)
+
+
+def _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
+              global_count, out, lse, *, window, scale, dropout_p, seed, max_global):
+    if grad_out.stride(-3) >= ROW_STRIDE_LIMIT:
+        # `cannot_serve` checks the inputs' row strides; the output gradient comes from autograd, and its rows too
+        # are addressed with 32-bit tile offsets.
+        grad_out = grad_out.contiguous()
     grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out = map(
         _unit_d, (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out))
     has_global = global_idx is not None and max_global > 0
@@ -225,6 +292,7 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
     L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
                 global_rows)
     b, n, h, d, p, cfg = L.b, L.n, L.h, L.d, L.p, L.cfg
+    window = min(window, n)  # as in the forward
     dq, dk, dv = (new_output((b, n, h, d), q.dtype, L.device) for _ in range(3))
     dq_g = dk_g = dv_g = dpk = dpv = None
     if q_global is not None:
@@ -269,9 +337,9 @@ def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v
         *_strides(dk_g), *_strides(dv_g),
         n, h, p, n_pad, L.gstride, L.g_pad, window, cfg["CHUNK"], num_splits, cfg["Q_CHUNK"], num_chunks,
         n_prefix_slots, n_global_progs, n_shared_progs, scale * LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p),
-        seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["bwd_stages"],
-        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BLOCK_G"], num_warps=cfg["bwd_warps"],
-        num_stages=cfg["bwd_stages"], **L.flags)
+        seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BWD_G"], NUM_STAGES=cfg["bwd_stages"],
+        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BWD_G"], num_warps=cfg["bwd_warps"],
+        num_stages=cfg["bwd_kernel_stages"], **L.flags)
 
     fin_m = 64
     n_row_tiles = triton.cdiv(n, fin_m)
@@ -297,6 +365,35 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int, int]:
+    """`(major, minor, shared memory per block with opt-in, in bytes)` of CUDA device `index`, read once per device
+    (only for calls on CUDA tensors: nothing here runs at import or for CPU tensors)."""
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", None)
+    if shared is None:  # a PyTorch without the field: Triton's driver reads the same attribute
+        shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return props.major, props.minor, int(shared)
+
+
+def _device_reason(device: torch.device, head_dim: int) -> str | None:
+    """Why the compiled kernels cannot run on this GPU, or for this head dim on it: compute capability below 8.0,
+    a head dim above the tile table's, or less shared memory per block than the tiles of its arch use."""
+    major, minor, shared = _device_limits(torch.cuda.current_device() if device.index is None else device.index)
+    gpu = f"{device} (compute capability {major}.{minor}, {shared} bytes of shared memory per block)"
+    if (major, minor) < (8, 0):
+        return f"{gpu}: the Triton tiles target compute capability 8.0 and above (sm_80, sm_90)"
+    if head_dim > MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} > {MAX_HEAD_DIM} on {gpu}: the Triton tiles stop at {MAX_HEAD_DIM} (wider "
+                "heads spill registers in the backward and, in fp16 / bf16 on sm_90, need more shared memory per "
+                "block than the GPU offers)")
+    row = _tile_row(10 * major + minor)
+    if shared < TILE_SHARED_LIMIT[row]:
+        return (f"{gpu}: the Triton tiles for sm_{row} may use up to {TILE_SHARED_LIMIT[row]} bytes of shared "
+                "memory per block")
+    return None
+
+
 def cannot_serve(args) -> str | None:
     if args.features:
         return f"{', '.join(args.features)} not implemented in the Triton kernels yet"
@@ -307,12 +404,15 @@ def cannot_serve(args) -> str | None:
             return f"under TRITON_INTERPRET=1 the Triton backend takes CPU tensors, got {args.device}"
         if args.dtype == torch.bfloat16:
             return "bfloat16 is not computed correctly by the Triton interpreter"
+        if args.shape[3] > MAX_HEAD_DIM:
+            return f"head_dim {args.shape[3]} > {MAX_HEAD_DIM} is not supported (the GPU tiles stop there)"
     elif args.device.type != "cuda":
         return f"needs CUDA tensors, got {args.device}"
-    if args.shape[3] > 256:
-        return f"head_dim {args.shape[3]} > 256 is not supported"
+    else:
+        why = _device_reason(args.device, args.shape[3])
+        if why is not None:
+            return why
     tensors = (args.q, args.k, args.v, args.q_global, args.k_global, args.v_global, args.prefix_k, args.prefix_v)
-    if max(t.stride(-3) for t in tensors if t is not None) >= 2**24:
+    if max(t.stride(-3) for t in tensors if t is not None) >= ROW_STRIDE_LIMIT:
         return "a row stride of 2**24 elements or more overflows the Triton kernels' 32-bit tile offsets"
     return None
-
