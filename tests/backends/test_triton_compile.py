@@ -10,9 +10,10 @@ loop; it runs in a subprocess because `TRITON_INTERPRET`, set for this process b
 The configurations: the headline specialization (bf16, D = 64, 17 globals, so a 32-slot global block, 16 prefix
 keys, N a multiple of the tiles and a ragged N, both over several key splits) on sm_90 and sm_80; more than 64
 globals (the backward's loop over global blocks), without and with fp16 / bf16 dropout (the dropout tile); the
-headline with dropout; D = 128 with dropout; IEEE fp32 and TF32. Each with the global projections and without
-them (local rows only). Head dims above 128 are not compiled here: `cannot_serve` refuses them on every GPU
-(`test_triton_launch.py`).
+headline with dropout; D = 128 with dropout; IEEE fp32 and TF32; the headline with the op's features
+(`prefix_normalization="separate"` with the global rows' own prefix, and `document_ids`). Each with the global
+projections and without them (local rows only). Head dims above 128 are not compiled here: `cannot_serve` refuses
+them on every GPU (`test_triton_launch.py`).
 
 The compiler is this process's Triton, or the one installed (`pip install --no-deps --target DIR "triton==3.6.*"`)
 in the directory `PK_COMPILE_TRITON` names, which the tool's process puts first on its path; CI runs this file under
@@ -57,7 +58,11 @@ CONFIGS = {
     "d128-dropout-sm90": (90, "float16", 128, 0.1, "highest", "1000", *HEADLINE),
     "fp32-dropout-sm80": (80, "float32", 32, 0.1, "highest", "320", 3, 4, 40),  # IEEE fp32
     "tf32-d128-sm80": (80, "float32", 128, 0.0, "high", "300", 3, 4, 40),
+    "headline-separate-sm90": (90, "bfloat16", 64, 0.0, "highest", "1088", *HEADLINE),
+    "headline-documents-sm90": (90, "bfloat16", 64, 0.0, "highest", "1088", *HEADLINE),
 }
+# The op features a configuration compiles in (`kernel_resources.py --features`; the others: "joint", none).
+FEATURES = {"headline-separate-sm90": "separate", "headline-documents-sm90": "documents"}
 
 # Spill stacks (bytes) accepted outside the band loops, per Triton version (major.minor): (config id, kernel, N,
 # local rows only) -> stack. A kernel not named here keeps none; a named one keeps exactly this much (a change
@@ -66,7 +71,9 @@ BWD = "_attention_bwd_kernel"
 ACCEPTED_STACK: dict[str, dict[tuple[str, str, int, bool], int]] = {
     "3.8": {("headline-sm90", BWD, 1088, False): 72, ("headline-dropout-sm90", BWD, 1000, False): 24,
             ("globals70-sm80", BWD, 1088, False): 16, ("globals70-dropout-sm80", BWD, 1000, False): 16,
-            ("d128-dropout-sm90", BWD, 1000, False): 24, ("fp32-dropout-sm80", BWD, 320, False): 24},
+            ("d128-dropout-sm90", BWD, 1000, False): 24, ("fp32-dropout-sm80", BWD, 320, False): 24,
+            ("headline-separate-sm90", BWD, 1088, False): 72, ("headline-documents-sm90", BWD, 1088, False): 40,
+            ("headline-documents-sm90", BWD, 1088, True): 8},
     "3.6": {("headline-sm80", BWD, 1088, False): 16, ("headline-sm80", BWD, 1088, True): 16,
             ("headline-sm80", BWD, 1000, False): 104, ("headline-sm80", BWD, 1000, True): 104,
             ("globals70-sm80", BWD, 1088, False): 16, ("globals70-sm80", BWD, 1088, True): 16,
@@ -130,7 +137,7 @@ def test_triton_kernels_compile(tmp_path, config):
     out = tmp_path / "rows.json"
     args = ["--arch", str(arch), "--dtype", dtype, "--head-dim", str(head_dim), "--dropout", str(dropout),
             "--fp32-precision", fp32_precision, "--seq-len", seq_len, "--globals", str(n_global), "--prefix",
-            str(prefix), "--window", str(window), "--json", str(out)]
+            str(prefix), "--window", str(window), "--features", FEATURES.get(config, "joint"), "--json", str(out)]
     r = _run_tool(args, tmp_path)
     if r.returncode == EXIT_CANNOT_COMPILE:
         pytest.skip(r.stderr.strip())
@@ -151,6 +158,7 @@ def test_triton_kernels_compile(tmp_path, config):
         tf32 = "-tf32" if dtype == "float32" and fp32_precision != "highest" else ""
         assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype + tf32, head_dim)
         assert (row["globals"], row["prefix"], row["dropout"]) == (n_global, prefix, dropout > 0)
+        assert row["features"] == FEATURES.get(config, "joint")
         assert 0 < row["regs"] <= 255, row
         assert row["shared"] <= TILE_SHARED_LIMIT[arch], row
         key = (config, row["kernel"], row["n"], row["local"])
