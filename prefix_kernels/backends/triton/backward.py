@@ -26,6 +26,7 @@ from .common import (
     _prefix_keys,
     _program,
     _row_ptrs,
+    _shared_block,
     _split_key_tile,
     _store_rows,
 )
@@ -234,11 +235,13 @@ def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_
                           N, start, end, sqn, sdon, qk_scale, seed, dropout_p, inv_keep, ds_mult,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           COLS_TILE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                          HAS_DOC: tl.constexpr = False, SCALED: tl.constexpr = False):
+                          HAS_DOC: tl.constexpr = False, SCALED: tl.constexpr = False, key_all=None,
+                          MIXED: tl.constexpr = False):
     """A block of keys every local query sees (`key_ok`: which exist; `key_cols`, `COLS_TILE`: their positions as
     in `_dropout_keep`) against the local query rows `[start, end)`: unscaled dK, dV; each pair's dQ part is added
-    to `DQ_ACC`. `HAS_DOC`: a query sees the keys of its document only (`key_doc`). `SCALED`: as in
-    `_key_tile_bwd` (the returned dV is already multiplied)."""
+    to `DQ_ACC`. `HAS_DOC`: a query sees the keys of its document only (`key_doc`); with `MIXED`, the keys
+    `key_all` (prefix keys in a block of shared keys) are every document's. `SCALED`: as in `_key_tile_bwd` (the
+    returned dV is already multiplied)."""
     dk = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
     dv = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -249,7 +252,11 @@ def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_
                                             DELTA + stats, rows < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
         ok_t = key_ok[:, None]
         if HAS_DOC:
-            ok_t = ok_t & (key_doc[:, None] == _doc_of(DOCS, b, N, rows, rows < N)[None, :])
+            same_doc = key_doc[:, None] == _doc_of(DOCS, b, N, rows, rows < N)[None, :]
+            if MIXED:
+                ok_t = key_all[:, None] | (ok_t & same_doc)
+            else:
+                ok_t = ok_t & same_doc
         s_t = tl.where(ok_t, tl.dot(k, tl.trans(q), input_precision=DOT_PREC), float("-inf"))
         dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, key_cols, bh, qk_scale, seed,
                                    dropout_p, inv_keep, COLS_TILE=COLS_TILE, HAS_DROPOUT=HAS_DROPOUT,
@@ -280,47 +287,91 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     dq_base = DQ_ACC + bh.to(tl.int64) * n_pad * BLOCK_D
-    if HAS_GLOBAL:
-        cnt = tl.load(GCNT + b)
-        for g0 in range(0, cnt, BLOCK_G):
-            # Global keys through the local `k, v`, as every local query sees them.
-            k, v, g_ok, gpos = _gather_keys(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn,
-                                            GIDX + b * gidx_stride, g0, cnt, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
-                                            BLOCK_G=BLOCK_G)
+    if SEPARATE:
+        # Two blocks: the global keys in the text's softmax, the prefix keys in their own.
+        if HAS_GLOBAL:
+            cnt = tl.load(GCNT + b)
+            for g0 in range(0, cnt, BLOCK_G):
+                # Global keys through the local `k, v`, as every local query sees them.
+                k, v, g_ok, gpos = _gather_keys(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn,
+                                                GIDX + b * gidx_stride, g0, cnt, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                                BLOCK_G=BLOCK_G)
+                q_start = start
+                q_end = end
+                key_doc = gpos
+                if HAS_DOC:
+                    key_doc = _doc_of(DOCS, b, N, gpos, g_ok)
+                    q_start, q_end = _doc_clip(DOCS, doc_plane, b, N, gpos, g_ok, key_doc, start, end,
+                                               start * 0, BLOCK_M)
+                dk, dv = _shared_key_block_bwd(k, v, g_ok, gpos, q_base, do_base, dq_base, LSE_LOCAL, DELTA, DOCS,
+                                               key_doc, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
+                                               dropout_p, inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                               BLOCK_M=BLOCK_M, COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT,
+                                               DOT_PREC=DOT_PREC, HAS_DOC=HAS_DOC)
+                part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + g0 + tl.arange(0, BLOCK_G)
+                _store_rows(GPART_K, part, BLOCK_D, g_ok, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+                _store_rows(GPART_V, part, BLOCK_D, g_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+        if HAS_PREFIX:
+            lse_p = LSE_LOCAL + lse_plane
+            delta_p = DELTA + lse_plane
+            ds_mult = tl.load(PSCALE + h)
+            for p0 in range(0, P, BLOCK_N):
+                k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0,
+                                                 P, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
+                dk, dv = _shared_key_block_bwd(k, v, p_ok, _prefix_col0(N) + p0, q_base, do_base, dq_base, lse_p,
+                                               delta_p, DOCS, pcols, bh, b, N, start, end, sqn, sdon, qk_scale,
+                                               seed, dropout_p, inv_keep, ds_mult, HEAD_DIM=HEAD_DIM,
+                                               BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, COLS_TILE=True,
+                                               HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC, SCALED=True)
+                part = (bh.to(tl.int64) * n_prefix_slots + chunk) * P + pcols
+                _store_rows(PPART_K, part, BLOCK_D, p_ok, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+                _store_rows(PPART_V, part, BLOCK_D, p_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+    else:
+        # "joint": the global keys and the prefix keys are one list (compact global slots, then the prefix rows),
+        # walked in blocks of `BLOCK_N` keys (one block at the headline): each query tile is loaded and its dQ part
+        # reduced once per block.
+        n_g = 0
+        if HAS_GLOBAL:
+            n_g = tl.load(GCNT + b)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        n_p = 0
+        if HAS_PREFIX:
+            n_p = P
+            pk_base = PK + b * spkb + h * spkh
+            pv_base = PV + b * spvb + h * spvh
+        else:
+            pk_base = k_base  # (a placeholder of another dtype: never read, but the pointers are selected)
+            pv_base = v_base
+        for c0 in range(0, n_g + n_p, BLOCK_N):
+            k, v, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, 0, n_g,
+                                                         pk_base, pv_base, spkn, spvn, n_p, _prefix_col0(N), c0,
+                                                         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
             q_start = start
             q_end = end
             key_doc = gpos
             if HAS_DOC:
-                key_doc = _doc_of(DOCS, b, N, gpos, g_ok)
-                q_start, q_end = _doc_clip(DOCS, doc_plane, b, N, gpos, g_ok, key_doc, start, end, start * 0,
-                                              BLOCK_M)
-            dk, dv = _shared_key_block_bwd(k, v, g_ok, gpos, q_base, do_base, dq_base, LSE_LOCAL, DELTA, DOCS,
-                                           key_doc, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed, dropout_p,
-                                           inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
-                                           COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC,
-                                           HAS_DOC=HAS_DOC)
-            part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + g0 + tl.arange(0, BLOCK_G)
-            _store_rows(GPART_K, part, BLOCK_D, g_ok, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
-            _store_rows(GPART_V, part, BLOCK_D, g_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
-    if HAS_PREFIX:
-        lse_p = LSE_LOCAL
-        delta_p = DELTA
-        ds_mult = 1.0
-        if SEPARATE:
-            lse_p = LSE_LOCAL + lse_plane
-            delta_p = DELTA + lse_plane
-            ds_mult = tl.load(PSCALE + h)
-        for p0 in range(0, P, BLOCK_N):
-            k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0, P,
-                                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
-            dk, dv = _shared_key_block_bwd(k, v, p_ok, _prefix_col0(N) + p0, q_base, do_base, dq_base, lse_p,
-                                           delta_p, DOCS, pcols, bh, b, N, start, end, sqn, sdon, qk_scale, seed,
-                                           dropout_p, inv_keep, ds_mult, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
-                                           BLOCK_M=BLOCK_M, COLS_TILE=True, HAS_DROPOUT=HAS_DROPOUT,
-                                           DOT_PREC=DOT_PREC, SCALED=SEPARATE)
-            part = (bh.to(tl.int64) * n_prefix_slots + chunk) * P + pcols
-            _store_rows(PPART_K, part, BLOCK_D, p_ok, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
-            _store_rows(PPART_V, part, BLOCK_D, p_ok, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+                key_doc = _doc_of(DOCS, b, N, gpos, is_g)
+                # A block of global keys alone walks its documents' rows only; one with prefix keys every row.
+                c_start, c_end = _doc_clip(DOCS, doc_plane, b, N, gpos, is_g, key_doc, start, end, start * 0,
+                                           BLOCK_M)
+                has_p = c0 + BLOCK_N > n_g
+                q_start = tl.where(has_p, start, c_start)
+                q_end = tl.where(has_p, end, c_end)
+            dk, dv = _shared_key_block_bwd(k, v, is_g | is_p, cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA,
+                                           DOCS, key_doc, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
+                                           dropout_p, inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                           BLOCK_M=BLOCK_M, COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT,
+                                           DOT_PREC=DOT_PREC, HAS_DOC=HAS_DOC, key_all=is_p, MIXED=HAS_PREFIX)
+            c = c0 + tl.arange(0, BLOCK_N)
+            if HAS_GLOBAL:
+                part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + c
+                _store_rows(GPART_K, part, BLOCK_D, is_g, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+                _store_rows(GPART_V, part, BLOCK_D, is_g, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+            if HAS_PREFIX:
+                part = (bh.to(tl.int64) * n_prefix_slots + chunk) * P + c - n_g
+                _store_rows(PPART_K, part, BLOCK_D, is_p, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
+                _store_rows(PPART_V, part, BLOCK_D, is_p, dv, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)
 
 
 @triton.jit

@@ -25,6 +25,7 @@ from .common import (
     _prefix_keys,
     _program,
     _same_doc_or_prefix,
+    _shared_block,
     _softmax_update,
     _split_key_tile,
     _store_rows,
@@ -100,24 +101,28 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
         k_tile += BLOCK_N * skn
         v_tile += BLOCK_N * svn
 
-    if HAS_GLOBAL:
-        if HAS_DOC:
-            # The tile's documents' slots of the compact (position-ordered) global list.
-            g_start = g_lo
-            cnt = g_hi
-        else:
-            g_start = 0
+    if HAS_DOC:
+        # The tile's documents' slots of the compact (position-ordered) global list.
+        g_start = g_lo
+        cnt = g_hi
+    else:
+        g_start = 0
+        cnt = 0
+        if HAS_GLOBAL:
             cnt = tl.load(GCNT + b)
-        for g0 in range(g_start, cnt, BLOCK_G):
-            k, v, g_ok, gpos = _gather_keys(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g0, cnt,
-                                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
-            ok = g_ok[None, :]
-            if HAS_DOC:
-                ok = ok & (row_doc[:, None] == _doc_of(DOCS, b, N, gpos, g_ok)[None, :])
-            s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, gpos, dropout_p,
-                                            COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
+    pk_base = PK + b * spkb + h * spkh
+    pv_base = PV + b * spvb + h * spvh
     if SEPARATE:
+        if HAS_GLOBAL:
+            for g0 in range(g_start, cnt, BLOCK_G):
+                k, v, g_ok, gpos = _gather_keys(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g0, cnt,
+                                                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_G=BLOCK_G)
+                ok = g_ok[None, :]
+                if HAS_DOC:
+                    ok = ok & (row_doc[:, None] == _doc_of(DOCS, b, N, gpos, g_ok)[None, :])
+                s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, gpos, dropout_p,
+                                                COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
         # The text softmax ends here; the prefix gets its own running normaliser. Global rows too are not local
         # queries: their result is the global branch's (merged later), or 0 with local rows only.
         live = l_i > 0
@@ -130,13 +135,38 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
         m_i = tl.full([BLOCK_M], M_FLOOR, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_PREFIX:
-        for p0 in range(0, P, BLOCK_N):
-            k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0, P,
-                                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
-            s = tl.where(p_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, _prefix_col0(N) + p0,
-                                            dropout_p, COLS_TILE=True, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
+        if HAS_PREFIX:
+            for p0 in range(0, P, BLOCK_N):
+                k, v, p_ok, pcols = _prefix_keys(pk_base, pv_base, spkn, spvn, p0, P, HEAD_DIM=HEAD_DIM,
+                                                 BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
+                s = tl.where(p_ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, _prefix_col0(N) + p0,
+                                                dropout_p, COLS_TILE=True, DOT_PREC=DOT_PREC,
+                                                HAS_DROPOUT=HAS_DROPOUT)
+    elif HAS_GLOBAL or HAS_PREFIX:
+        # "joint": the tile's global keys and the prefix keys are one list, walked in blocks of `BLOCK_N` keys
+        # (one block at the headline), in the same softmax as the band.
+        n_g = 0
+        if HAS_GLOBAL:
+            n_g = cnt - g_start
+        n_p = 0
+        if HAS_PREFIX:
+            n_p = P
+        else:
+            pk_base = k_base  # (a placeholder of another dtype: never read, but the pointers are selected)
+            pv_base = v_base
+        for c0 in range(0, n_g + n_p, BLOCK_N):
+            k, v, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g_start,
+                                                         n_g, pk_base, pv_base, spkn, spvn, n_p, _prefix_col0(N),
+                                                         c0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
+            ok = is_g | is_p
+            if HAS_DOC:
+                ok = is_p | (is_g & (_doc_of(DOCS, b, N, gpos, is_g) == row_doc[:, None]))
+            else:
+                ok = ok[None, :]
+            s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, cols, dropout_p,
+                                            COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
 
     live = l_i > 0
     if HAS_KIND:
