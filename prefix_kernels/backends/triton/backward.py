@@ -163,37 +163,14 @@ def _query_tile_bwd(q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, row_ok, HEAD_DIM: tl.
 
 
 @triton.jit
-def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DOCS, DK, DV, DQ_ACC,
-                   sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-                   N, n_pad, doc_plane, window, qk_scale, scale, dropout_p, inv_keep, seed,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, HAS_KIND: tl.constexpr,
-                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DOC: tl.constexpr = False):
-    """A tile of `BLOCK_N` band keys against the query tiles within `+-window`: its dK/dV (global and padding
-    columns get 0 here; global keys are finalized from the shared-key partials) and each pair's dQ part.
-    `EVEN_M`: `N` is a multiple of `BLOCK_M`, so no query tile reaches past the sequence. `HAS_DOC`: the query
-    tiles are clipped to the key tile's documents; a key tile that straddles a boundary tests every element."""
-    n0 = pid_n * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    k = _load_rows(K + b * skb + h * skh, cols, skn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    v = _load_rows(V + b * svb + h * svh, cols, svn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    col_local = col_ok
-    if HAS_KIND:
-        col_local = tl.load(KIND + b * N + cols, mask=col_ok, other=KIND_PAD) == KIND_LOCAL
-    # One decision per program: whether any column of the tile is excluded (global, padding, past N).
-    special_cols = tl.sum(tl.where(col_local, 0, 1)) > 0
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    if HAS_DOC:
-        doc_lo, doc_hi, g_lo, g_hi, straddle = _doc_span(DOCS, doc_plane, b, N, n0, tl.minimum(n0 + BLOCK_N, N) - 1)
-        col_doc = _doc_of(DOCS, b, N, cols, col_ok)
-        special_cols = special_cols | straddle
-        lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, FIXED=BLOCK_N, STEP=BLOCK_M, key_lo=doc_lo,
-                                             key_hi=doc_hi, CLIP=True)
-    else:
-        lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, FIXED=BLOCK_N, STEP=BLOCK_M)
+def _band_pairs_bwd(dk, dv, k, v, cols, col_local, special_cols, lo, mid_lo, mid_hi, hi, row_lo, row_hi, bh, b, h, Q,
+                    DO, LSE_LOCAL, DELTA, DQ_ACC, sqb, sqn, sqh, sdob, sdon, sdoh, N, n0, n_pad, window, qk_scale,
+                    dropout_p, inv_keep, seed, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                    DOT_PREC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """The band key tile against the query tiles `[lo, hi)` (those in `[mid_lo, mid_hi)` unmasked unless
+    `special_cols`): adds to `dk, dv` and each pair's dQ part to `DQ_ACC`. `HAS_DOC`: only rows `[row_lo, row_hi)`
+    (one document's; `col_local` holds its keys only) are admitted, by two scalar compares in the masked tiles."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     # Scalar pointers to the current query tile plus loop-invariant int32 offsets (as in the forward's band loop).
@@ -214,7 +191,7 @@ def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DOCS, D
         if special_cols | (m0 < mid_lo) | (m0 >= mid_hi):
             ok_t = _in_band(rows[None, :], cols[:, None], N, window) & col_local[:, None]
             if HAS_DOC:
-                ok_t = ok_t & (col_doc[:, None] == _doc_of(DOCS, b, N, rows, rows < N)[None, :])
+                ok_t = ok_t & ((rows >= row_lo) & (rows < row_hi))[None, :]
             s_t = tl.where(ok_t, s_t, float("-inf"))
         dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, n0, bh, qk_scale, seed, dropout_p,
                                    inv_keep, COLS_TILE=True, HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC)
@@ -223,6 +200,58 @@ def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DOCS, D
         do_tile += BLOCK_M * sdon
         dq_tile += BLOCK_M * BLOCK_D
         stats += BLOCK_M
+    return dk, dv
+
+
+@triton.jit
+def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DOCS, DK, DV, DQ_ACC,
+                   sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+                   N, n_pad, doc_plane, window, qk_scale, scale, dropout_p, inv_keep, seed,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_STAGES: tl.constexpr, EVEN_M: tl.constexpr, HAS_KIND: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DOC: tl.constexpr = False):
+    """A tile of `BLOCK_N` band keys against the query tiles within `+-window`: its dK/dV (global and padding
+    columns get 0 here; global keys are finalized from the shared-key partials) and each pair's dQ part.
+    `EVEN_M`: `N` is a multiple of `BLOCK_M`, so no query tile reaches past the sequence. `HAS_DOC`: one pass per
+    document of the key tile (one, unless the tile straddles a boundary), its query tiles clipped to the document
+    and its rows admitted by their position alone, so the loop body is the one without documents (an element's
+    document loaded in the loop lengthens every tile's code)."""
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    k = _load_rows(K + b * skb + h * skh, cols, skn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    v = _load_rows(V + b * svb + h * svh, cols, svn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    col_local = col_ok
+    if HAS_KIND:
+        col_local = tl.load(KIND + b * N + cols, mask=col_ok, other=KIND_PAD) == KIND_LOCAL
+    # One decision per program: whether any column of the tile is excluded (global, padding, past N).
+    special_cols = tl.sum(tl.where(col_local, 0, 1)) > 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    if HAS_DOC:
+        tile_end = tl.minimum(n0 + BLOCK_N, N)
+        doc_lo, doc_hi, g_lo, g_hi, straddle = _doc_span(DOCS, doc_plane, b, N, n0, tile_end - 1)
+        special_cols = special_cols | straddle
+        d_lo = doc_lo
+        while d_lo < tile_end:
+            d_hi = tl.load(DOCS + doc_plane + b * N + d_lo)  # the end of the document that starts at d_lo
+            lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, FIXED=BLOCK_N, STEP=BLOCK_M, key_lo=d_lo,
+                                                 key_hi=d_hi, CLIP=True)
+            dk, dv = _band_pairs_bwd(dk, dv, k, v, cols, col_local & (cols >= d_lo) & (cols < d_hi), special_cols,
+                                     lo, mid_lo, mid_hi, hi, d_lo, d_hi, bh, b, h, Q, DO, LSE_LOCAL, DELTA, DQ_ACC,
+                                     sqb, sqn, sqh, sdob, sdon, sdoh, N, n0, n_pad, window, qk_scale, dropout_p,
+                                     inv_keep, seed, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M,
+                                     NUM_STAGES=NUM_STAGES, EVEN_M=EVEN_M, HAS_DROPOUT=HAS_DROPOUT,
+                                     DOT_PREC=DOT_PREC, HAS_DOC=True)
+            d_lo = d_hi
+    else:
+        lo, mid_lo, mid_hi, hi = _band_tiles(n0, N, window, FIXED=BLOCK_N, STEP=BLOCK_M)
+        dk, dv = _band_pairs_bwd(dk, dv, k, v, cols, col_local, special_cols, lo, mid_lo, mid_hi, hi, 0, N, bh, b,
+                                 h, Q, DO, LSE_LOCAL, DELTA, DQ_ACC, sqb, sqn, sqh, sdob, sdon, sdoh, N, n0, n_pad,
+                                 window, qk_scale, dropout_p, inv_keep, seed, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                                 BLOCK_M=BLOCK_M, NUM_STAGES=NUM_STAGES, EVEN_M=EVEN_M, HAS_DROPOUT=HAS_DROPOUT,
+                                 DOT_PREC=DOT_PREC, HAS_DOC=False)
 
     _store_rows(DK + b * sdkb + h * sdkh, cols, sdkn, col_ok, (dk * scale).to(DK.dtype.element_ty),
                 HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
@@ -231,16 +260,16 @@ def _band_keys_bwd(pid_n, bh, b, h, Q, K, V, DO, LSE_LOCAL, DELTA, KIND, DOCS, D
 
 
 @triton.jit
-def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA, DOCS, key_doc, bh, b,
+def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA, key_lo, key_hi, bh, b,
                           N, start, end, sqn, sdon, qk_scale, seed, dropout_p, inv_keep, ds_mult,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           COLS_TILE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                          HAS_DOC: tl.constexpr = False, SCALED: tl.constexpr = False, key_all=None,
-                          MIXED: tl.constexpr = False):
+                          HAS_DOC: tl.constexpr = False, SCALED: tl.constexpr = False):
     """A block of keys every local query sees (`key_ok`: which exist; `key_cols`, `COLS_TILE`: their positions as
     in `_dropout_keep`) against the local query rows `[start, end)`: unscaled dK, dV; each pair's dQ part is added
-    to `DQ_ACC`. `HAS_DOC`: a query sees the keys of its document only (`key_doc`); with `MIXED`, the keys
-    `key_all` (prefix keys in a block of shared keys) are every document's. `SCALED`: as in `_key_tile_bwd` (the
+    to `DQ_ACC`. `HAS_DOC`: key `c` is seen by the rows `[key_lo[c], key_hi[c])` only (a global key's document, a
+    prefix key's `[0, N)`, an absent key's none): compares only, no load in the loop. `SCALED`: as in
+    `_key_tile_bwd` (the
     returned dV is already multiplied)."""
     dk = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
     dv = tl.zeros([k.shape[0], BLOCK_D], tl.float32)
@@ -250,13 +279,10 @@ def _shared_key_block_bwd(k, v, key_ok, key_cols, q_base, do_base, dq_base, LSE_
         q, do, lse, delta = _query_tile_bwd(_row_ptrs(q_base, rows, sqn, BLOCK_D=BLOCK_D),
                                             _row_ptrs(do_base, rows, sdon, BLOCK_D=BLOCK_D), LSE_LOCAL + stats,
                                             DELTA + stats, rows < N, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-        ok_t = key_ok[:, None]
         if HAS_DOC:
-            same_doc = key_doc[:, None] == _doc_of(DOCS, b, N, rows, rows < N)[None, :]
-            if MIXED:
-                ok_t = key_all[:, None] | (ok_t & same_doc)
-            else:
-                ok_t = ok_t & same_doc
+            ok_t = (rows[None, :] >= key_lo[:, None]) & (rows[None, :] < key_hi[:, None])
+        else:
+            ok_t = key_ok[:, None]
         s_t = tl.where(ok_t, tl.dot(k, tl.trans(q), input_precision=DOT_PREC), float("-inf"))
         dk, dv, dq = _key_tile_bwd(dk, dv, k, v, s_t, q, do, lse, delta, rows, key_cols, bh, qk_scale, seed,
                                    dropout_p, inv_keep, COLS_TILE=COLS_TILE, HAS_DROPOUT=HAS_DROPOUT,
@@ -298,13 +324,15 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                                                 BLOCK_G=BLOCK_G)
                 q_start = start
                 q_end = end
-                key_doc = gpos
+                key_lo = gpos
+                key_hi = gpos
                 if HAS_DOC:
-                    key_doc = _doc_of(DOCS, b, N, gpos, g_ok)
-                    q_start, q_end = _doc_clip(DOCS, doc_plane, b, N, gpos, g_ok, key_doc, start, end,
+                    key_lo = _doc_of(DOCS, b, N, gpos, g_ok)
+                    key_hi = tl.load(DOCS + doc_plane + b * N + gpos, mask=g_ok, other=-1)
+                    q_start, q_end = _doc_clip(DOCS, doc_plane, b, N, gpos, g_ok, key_lo, start, end,
                                                start * 0, BLOCK_M)
-                dk, dv = _shared_key_block_bwd(k, v, g_ok, gpos, q_base, do_base, dq_base, LSE_LOCAL, DELTA, DOCS,
-                                               key_doc, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
+                dk, dv = _shared_key_block_bwd(k, v, g_ok, gpos, q_base, do_base, dq_base, LSE_LOCAL, DELTA, key_lo,
+                                               key_hi, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
                                                dropout_p, inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                                                BLOCK_M=BLOCK_M, COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT,
                                                DOT_PREC=DOT_PREC, HAS_DOC=HAS_DOC)
@@ -319,7 +347,7 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                 k, v, p_ok, pcols = _prefix_keys(PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, spkn, spvn, p0,
                                                  P, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
                 dk, dv = _shared_key_block_bwd(k, v, p_ok, _prefix_col0(N) + p0, q_base, do_base, dq_base, lse_p,
-                                               delta_p, DOCS, pcols, bh, b, N, start, end, sqn, sdon, qk_scale,
+                                               delta_p, pcols, pcols, bh, b, N, start, end, sqn, sdon, qk_scale,
                                                seed, dropout_p, inv_keep, ds_mult, HEAD_DIM=HEAD_DIM,
                                                BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, COLS_TILE=True,
                                                HAS_DROPOUT=HAS_DROPOUT, DOT_PREC=DOT_PREC, SCALED=True)
@@ -349,9 +377,13 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                                                          HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
             q_start = start
             q_end = end
-            key_doc = gpos
+            key_lo = gpos
+            key_hi = gpos
             if HAS_DOC:
                 key_doc = _doc_of(DOCS, b, N, gpos, is_g)
+                # The rows that see each key: a global key's document, a prefix key's all, an absent key's none.
+                key_lo = tl.where(is_p, 0, key_doc)
+                key_hi = tl.where(is_p, N, tl.load(DOCS + doc_plane + b * N + gpos, mask=is_g, other=-1))
                 # A block of global keys alone walks its documents' rows only; one with prefix keys every row.
                 c_start, c_end = _doc_clip(DOCS, doc_plane, b, N, gpos, is_g, key_doc, start, end, start * 0,
                                            BLOCK_M)
@@ -359,10 +391,10 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                 q_start = tl.where(has_p, start, c_start)
                 q_end = tl.where(has_p, end, c_end)
             dk, dv = _shared_key_block_bwd(k, v, is_g | is_p, cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA,
-                                           DOCS, key_doc, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
+                                           key_lo, key_hi, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
                                            dropout_p, inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                                            BLOCK_M=BLOCK_M, COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT,
-                                           DOT_PREC=DOT_PREC, HAS_DOC=HAS_DOC, key_all=is_p, MIXED=HAS_PREFIX)
+                                           DOT_PREC=DOT_PREC, HAS_DOC=HAS_DOC)
             c = c0 + tl.arange(0, BLOCK_N)
             if HAS_GLOBAL:
                 part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + c

@@ -112,7 +112,9 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
             cnt = tl.load(GCNT + b)
     pk_base = PK + b * spkb + h * spkh
     pv_base = PV + b * spvb + h * spvh
-    if SEPARATE:
+    if SEPARATE or HAS_DOC:
+        # Two blocks: "separate" mode's two softmaxes; with documents, the global keys' document test stays out of
+        # the prefix block (in one block of shared keys it costs more than the two blocks).
         if HAS_GLOBAL:
             for g0 in range(g_start, cnt, BLOCK_G):
                 k, v, g_ok, gpos = _gather_keys(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g0, cnt,
@@ -123,18 +125,19 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
                 s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
                 acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, gpos, dropout_p,
                                                 COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
-        # The text softmax ends here; the prefix gets its own running normaliser. Global rows too are not local
-        # queries: their result is the global branch's (merged later), or 0 with local rows only.
-        live = l_i > 0
-        if HAS_KIND:
-            local_row = tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD) == KIND_LOCAL
-            live = live & local_row
-        l_safe = tl.where(live, l_i, 1.0)
-        out = tl.where(live[:, None], acc * (inv_keep / l_safe)[:, None], 0.0)
-        tl.store(LSE + bh.to(tl.int64) * N + rows, tl.where(live, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
-        m_i = tl.full([BLOCK_M], M_FLOOR, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if SEPARATE:
+            # The text softmax ends here; the prefix gets its own running normaliser. Global rows too are not local
+            # queries: their result is the global branch's (merged later), or 0 with local rows only.
+            live = l_i > 0
+            if HAS_KIND:
+                local_row = tl.load(KIND + b * N + rows, mask=row_ok, other=KIND_PAD) == KIND_LOCAL
+                live = live & local_row
+            l_safe = tl.where(live, l_i, 1.0)
+            out = tl.where(live[:, None], acc * (inv_keep / l_safe)[:, None], 0.0)
+            tl.store(LSE + bh.to(tl.int64) * N + rows, tl.where(live, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+            m_i = tl.full([BLOCK_M], M_FLOOR, tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_PREFIX:
             for p0 in range(0, P, BLOCK_N):
                 k, v, p_ok, pcols = _prefix_keys(pk_base, pv_base, spkn, spvn, p0, P, HEAD_DIM=HEAD_DIM,
@@ -159,11 +162,7 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
             k, v, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g_start,
                                                          n_g, pk_base, pv_base, spkn, spvn, n_p, _prefix_col0(N),
                                                          c0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
-            ok = is_g | is_p
-            if HAS_DOC:
-                ok = is_p | (is_g & (_doc_of(DOCS, b, N, gpos, is_g) == row_doc[:, None]))
-            else:
-                ok = ok[None, :]
+            ok = (is_g | is_p)[None, :]
             s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, cols, dropout_p,
                                             COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
