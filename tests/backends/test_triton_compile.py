@@ -81,13 +81,13 @@ ACCEPTED_STACK: dict[str, dict[tuple[str, str, int, bool], int]] = {
             ("tf32-d128-sm80", BWD, 300, False): 88, ("tf32-d128-sm80", BWD, 300, True): 88},
 }
 # Spill accesses accepted inside a tile loop, per Triton version: (config id, kernel, N, local rows only, loop
-# function) -> accesses per tile. Never in a band loop (`_local_rows_fwd`, `_band_keys_bwd`: the hot ones). Under
+# function) -> accesses per tile. Never in a band loop (`_local_rows_fwd`, `_band_pairs_bwd`: the hot ones). Under
 # Triton 3.6 the D = 128 dropout backward reloads one spilled value per tile of the global rows' key loop (about
 # 1100 instructions); removing it by pipelining the band loop alone costs 5-10 % more instructions in every loop.
 ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {
     "3.6": {("d128-dropout-sm90", BWD, 1000, False, "_global_rows_bwd_split"): 1},
 }
-HOT_LOOPS = ("_local_rows_fwd:", "_band_keys_bwd:")
+HOT_LOOPS = ("_local_rows_fwd:", "_band_pairs_bwd:")
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
@@ -179,7 +179,7 @@ def test_triton_kernels_compile(tmp_path, config):
     for n in lengths:
         for local in (False, True):
             assert "_local_rows_fwd:" in " ".join(by_kernel[("_attention_fwd_kernel", n, local)]), by_kernel
-            assert "_band_keys_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
+            assert "_band_pairs_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
             if not local:
                 assert "_global_rows_bwd_split:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
     if config == "headline-sm90":

@@ -372,7 +372,7 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
             pk_base = k_base  # (a placeholder of another dtype: never read, but the pointers are selected)
             pv_base = v_base
         for c0 in range(0, n_g + n_p, BLOCK_N):
-            k, v, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, 0, n_g,
+            k, v, ok, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, 0, n_g,
                                                          pk_base, pv_base, spkn, spvn, n_p, _prefix_col0(N), c0,
                                                          HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
             q_start = start
@@ -390,7 +390,7 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                 has_p = c0 + BLOCK_N > n_g
                 q_start = tl.where(has_p, start, c_start)
                 q_end = tl.where(has_p, end, c_end)
-            dk, dv = _shared_key_block_bwd(k, v, is_g | is_p, cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA,
+            dk, dv = _shared_key_block_bwd(k, v, ok, cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA,
                                            key_lo, key_hi, bh, b, N, q_start, q_end, sqn, sdon, qk_scale, seed,
                                            dropout_p, inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                                            BLOCK_M=BLOCK_M, COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT,

@@ -191,25 +191,25 @@ def _shared_block(k_base, v_base, skn, svn, gidx_row, g_start, n_g, pk_base, pv_
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Block `c0 .. c0 + BLOCK_S - 1` of the shared keys ("joint" mode): the `n_g` compact global slots from
     `g_start` (through `k_base, v_base`), then the `n_p` prefix rows, one list gathered into one block (one gather
-    load per row: each row's pointer is selected). Returns `k, v`, which entries are global keys, which are prefix
-    keys, each key's position in the dropout counter space (a global key's token position, prefix key `p` at
-    `col0 + p`: the same counters as when they were separate blocks) and the global keys' token positions (0
-    elsewhere)."""
+    load per row: each row's pointer is selected). Returns `k, v`, which entries exist, which are global keys,
+    which are prefix keys, each key's position in the dropout counter space (a global key's token position,
+    prefix key `p` at `col0 + p`: the same counters as when they were separate blocks) and the global keys' token
+    positions (0 elsewhere)."""
     c = c0 + tl.arange(0, BLOCK_S)
     is_g = c < n_g
-    is_p = (c >= n_g) & (c < n_g + n_p)
+    ok = c < n_g + n_p
+    is_p = ok & (c >= n_g)
     # (int32 already; the cast is for the placeholder `GIDX` of a call without global tokens)
     gpos = tl.load(gidx_row + g_start + c, mask=is_g, other=0).to(tl.int32)
-    pidx = tl.where(is_p, c - n_g, 0)
+    pidx = c - n_g  # (negative on global keys: those rows take the other pointer)
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     k_ptrs = tl.where(is_g[:, None], k_base + gpos[:, None].to(tl.int64) * skn + offs_d,
                       pk_base + pidx[:, None].to(tl.int64) * spkn + offs_d)
     v_ptrs = tl.where(is_g[:, None], v_base + gpos[:, None].to(tl.int64) * svn + offs_d,
                       pv_base + pidx[:, None].to(tl.int64) * spvn + offs_d)
-    ok = is_g | is_p
     k = _load_at(k_ptrs, ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     v = _load_at(v_ptrs, ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    return k, v, is_g, is_p, tl.where(is_g, gpos, col0 + pidx), gpos
+    return k, v, ok, is_g, is_p, tl.where(is_g, gpos, col0 + pidx), gpos
 
 
 @triton.jit

@@ -159,11 +159,11 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
             pk_base = k_base  # (a placeholder of another dtype: never read, but the pointers are selected)
             pv_base = v_base
         for c0 in range(0, n_g + n_p, BLOCK_N):
-            k, v, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, g_start,
-                                                         n_g, pk_base, pv_base, spkn, spvn, n_p, _prefix_col0(N),
-                                                         c0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
-            ok = (is_g | is_p)[None, :]
-            s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
+            k, v, ok, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride,
+                                                             g_start, n_g, pk_base, pv_base, spkn, spvn, n_p,
+                                                             _prefix_col0(N), c0, HEAD_DIM=HEAD_DIM,
+                                                             BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
+            s = tl.where(ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, cols, dropout_p,
                                             COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
 
