@@ -371,10 +371,13 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
         else:
             pk_base = k_base  # (a placeholder of another dtype: never read, but the pointers are selected)
             pv_base = v_base
-        for c0 in range(0, n_g + n_p, BLOCK_N):
-            k, v, ok, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, 0, n_g,
-                                                         pk_base, pv_base, spkn, spvn, n_p, _prefix_col0(N), c0,
-                                                         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
+        # Half the keys per block with dropout at D > 64, as in the forward.
+        SHARED_N: tl.constexpr = BLOCK_N // 2 if HAS_DROPOUT and BLOCK_D > 64 else BLOCK_N
+        for c0 in range(0, n_g + n_p, SHARED_N):
+            k, v, ok, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride, 0,
+                                                             n_g, pk_base, pv_base, spkn, spvn, n_p,
+                                                             _prefix_col0(N), c0, HEAD_DIM=HEAD_DIM,
+                                                             BLOCK_D=BLOCK_D, BLOCK_S=SHARED_N)
             q_start = start
             q_end = end
             key_lo = gpos
@@ -387,7 +390,7 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                 # A block of global keys alone walks its documents' rows only; one with prefix keys every row.
                 c_start, c_end = _doc_clip(DOCS, doc_plane, b, N, gpos, is_g, key_doc, start, end, start * 0,
                                            BLOCK_M)
-                has_p = c0 + BLOCK_N > n_g
+                has_p = c0 + SHARED_N > n_g
                 q_start = tl.where(has_p, start, c_start)
                 q_end = tl.where(has_p, end, c_end)
             dk, dv = _shared_key_block_bwd(k, v, ok, cols, q_base, do_base, dq_base, LSE_LOCAL, DELTA,
@@ -395,7 +398,7 @@ def _shared_keys_bwd(chunk, bh, b, h, Q, K, V, PK, PV, DO, LSE_LOCAL, DELTA, GID
                                            dropout_p, inv_keep, 1.0, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
                                            BLOCK_M=BLOCK_M, COLS_TILE=False, HAS_DROPOUT=HAS_DROPOUT,
                                            DOT_PREC=DOT_PREC, HAS_DOC=HAS_DOC)
-            c = c0 + tl.arange(0, BLOCK_N)
+            c = c0 + tl.arange(0, SHARED_N)
             if HAS_GLOBAL:
                 part = (bh.to(tl.int64) * num_chunks + chunk) * gidx_stride + c
                 _store_rows(GPART_K, part, BLOCK_D, is_g, dk, HEAD_DIM=BLOCK_D, BLOCK_D=BLOCK_D)

@@ -148,7 +148,9 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
                                                 HAS_DROPOUT=HAS_DROPOUT)
     elif HAS_GLOBAL or HAS_PREFIX:
         # "joint": the tile's global keys and the prefix keys are one list, walked in blocks of `BLOCK_N` keys
-        # (one block at the headline), in the same softmax as the band.
+        # (one block at the headline), in the same softmax as the band; half as many with dropout at D > 64,
+        # where a block's one Philox call per element (its keys' positions are not consecutive) would spill.
+        SHARED_N: tl.constexpr = BLOCK_N // 2 if HAS_DROPOUT and BLOCK_D > 64 else BLOCK_N
         n_g = 0
         if HAS_GLOBAL:
             n_g = cnt - g_start
@@ -158,11 +160,11 @@ def _local_rows_fwd(pid_m, bh, b, h, Q, K, V, PK, PV, KIND, SPECIAL, GIDX, GCNT,
         else:
             pk_base = k_base  # (a placeholder of another dtype: never read, but the pointers are selected)
             pv_base = v_base
-        for c0 in range(0, n_g + n_p, BLOCK_N):
+        for c0 in range(0, n_g + n_p, SHARED_N):
             k, v, ok, is_g, is_p, cols, gpos = _shared_block(k_base, v_base, skn, svn, GIDX + b * gidx_stride,
                                                              g_start, n_g, pk_base, pv_base, spkn, spvn, n_p,
                                                              _prefix_col0(N), c0, HEAD_DIM=HEAD_DIM,
-                                                             BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_N)
+                                                             BLOCK_D=BLOCK_D, BLOCK_S=SHARED_N)
             s = tl.where(ok[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PREC), float("-inf"))
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, qk_scale, seed, bh, rows, cols, dropout_p,
                                             COLS_TILE=False, DOT_PREC=DOT_PREC, HAS_DROPOUT=HAS_DROPOUT)
