@@ -5,6 +5,7 @@ instructions one warp issues per tile and the spill accesses in its body.
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bfloat16,float16,float32] [--head-dim 32,64,128]
                                           [--dropout 0.1] [--fp32-precision highest|high] [--seq-len 320,300]
                                           [--globals 3] [--prefix 4] [--window 40] [--json out.json] [--no-sass]
+                                          [--features joint|separate|documents]
 
 The real launchers `prefix_kernels.backends.triton.launch.forward` / `backward` run on small CPU tensors with global
 tokens (`--globals` in the first row: 17 gives the headline's 32-slot global block, more than 64 the backward's loop
@@ -292,11 +293,23 @@ def refusal(arch: int, head_dim: int) -> str | None:
         ta._device_limits = limits
 
 
+def _features(feature: str, b: int, n: int, h: int, prefix_k) -> dict:
+    """The launchers' feature keywords of `--features`: "joint" none; "separate" a `prefix_scale` and the global
+    rows' own prefix; "documents" three documents per row (boundaries inside tiles)."""
+    if feature == "separate":
+        return dict(prefix_scale=torch.full((h,), 0.5), prefix_k_global=prefix_k.clone(),
+                    prefix_v_global=prefix_k.clone())
+    if feature == "documents":
+        return dict(document_ids=(torch.arange(n) * 3 // n).expand(b, n).contiguous())
+    return {}
+
+
 def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = True, lengths=(320,), num_global: int = 3,
-                num_prefix: int = 4, window: int = 40) -> list[dict]:
+                num_prefix: int = 4, window: int = 40, feature: str = "joint") -> list[dict]:
     """One row per compiled kernel specialization: config, kernel name, registers, stack, shared bytes and (with
     `sass`) its loops' SASS instructions per tile and the local-memory (spill) accesses of the kernel and of each
-    loop; one row with `kernel` None and the reason in `refused` per (dtype, head dim, N) that `refusal` refuses."""
+    loop; one row with `kernel` None and the reason in `refused` per (dtype, head dim, N) that `refusal` refuses.
+    `feature`: "joint" (the plain op), "separate" or "documents" (`_features`)."""
     compiled: list = []
     run = JITFunction.run
 
@@ -322,6 +335,7 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
                 if local:  # local rows only: a global index without the global projections
                     inputs = (*inputs[:3], None, None, None, *inputs[6:])
                 kw.update(dropout_p=dropout_p, seed=1)
+                kw.update(_features(feature, inputs[0].shape[0], n, inputs[0].shape[2], inputs[6]))
                 compiled.clear()
                 out, lse = ta.forward(*inputs, **kw)
                 ta.backward(torch.zeros_like(out), *inputs, out, lse, **kw)
@@ -335,7 +349,7 @@ def compile_all(arch: int, dtypes, head_dims, dropout_p: float, sass: bool = Tru
                     if dtype == torch.float32 and ta._fp32_matmuls_use_tf32():
                         dt += "-tf32"
                     row = dict(arch=f"sm_{arch}", dtype=dt, head_dim=d, n=n, dropout=dropout_p > 0, local=local,
-                               globals=num_global, prefix=num_prefix, kernel=name, warps=md.num_warps,
+                               globals=num_global, prefix=num_prefix, features=feature, kernel=name, warps=md.num_warps,
                                stages=md.num_stages, shared=md.shared, triton=triton.__version__,
                                **_resources(kernel.asm["cubin"]))
                     if sass:
@@ -394,6 +408,9 @@ def main(argv=None) -> int:
                     "than 64 loop over global blocks)")
     ap.add_argument("--prefix", type=int, default=4, help="prefix keys")
     ap.add_argument("--window", type=int, default=40, help="one-sided window")
+    ap.add_argument("--features", default="joint", choices=("joint", "separate", "documents"),
+                    help="the op features compiled in: none, prefix_normalization='separate' with the global rows' "
+                         "own prefix, or document_ids")
     a = ap.parse_args(argv)
     why = missing_tools()
     if why:
@@ -403,7 +420,7 @@ def main(argv=None) -> int:
     rows = compile_all(a.arch, [getattr(torch, s) for s in a.dtype.split(",")],
                        [int(s) for s in a.head_dim.split(",")], a.dropout, sass=not a.no_sass,
                        lengths=[int(s) for s in a.seq_len.split(",")], num_global=a.globals, num_prefix=a.prefix,
-                       window=a.window)
+                       window=a.window, feature=a.features)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from dropout_masks import cpu_keep_masks  # noqa: E402
+from dropout_masks import cpu_keep_masks, philox_keep  # noqa: E402
 from helpers import (  # noqa: E402
     check_against_reference,
     dense_in_dtype,
@@ -31,7 +31,7 @@ from oracle import row_oracle  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.core.checks import check_inputs  # noqa: E402
-from prefix_kernels.core.reference import chunked_attention  # noqa: E402
+from prefix_kernels.core.reference import chunked_attention, dense_attention  # noqa: E402
 
 SHARED_FIXTURES = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
@@ -172,22 +172,125 @@ def test_the_arguments_are_checked():
                             document_ids=torch.tensor([[0, 0, 1, 1, 7, 0, 2, 2, 2, 2, 2, 2]]))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_the_fused_backends_say_why(backend):
-    """Until their kernels compute them, the Triton kernels and the CUDA library decline each feature by name, and
-    `auto` moves on."""
+def _triton_case(problem, device):
+    """The problem's tensors on `device`, and the statement to hold the kernels to: the row-by-row oracle on the
+    CPU, the dense reference (tested against it above) on a GPU."""
+    inputs, masks, window, kwargs = problem
+    inputs = {k: t.to(device) for k, t in inputs.items()}
+    masks = {k: t.to(device) for k, t in masks.items()}
+    return inputs, masks, window, kwargs, row_oracle if device == "cpu" else dense_attention
+
+
+@pytest.mark.program_order
+@pytest.mark.usefixtures("poison_outputs")
+@settings(max_examples=8, deadline=None, suppress_health_check=SHARED_FIXTURES)
+@given(problem=problems(max_n=40, head_dims=(4, 8)))
+def test_triton_fp32(triton_device, problem):
+    inputs, masks, window, kwargs, reference = _triton_case(problem, triton_device)
+    check_against_reference(op("triton"), inputs, masks, window, torch.float32,
+                            random_like(inputs["q"].shape, seed=3, device=triton_device), reference=reference,
+                            atol=1e-5, **kwargs)
+
+
+@pytest.mark.program_order
+@pytest.mark.usefixtures("poison_outputs")
+@settings(max_examples=4, deadline=None, suppress_health_check=SHARED_FIXTURES)
+@given(problem=problems(max_n=40, head_dims=(8, 16)))
+def test_triton_fp16_within_twice_pytorch_fp16(triton_device, problem):
+    inputs, masks, window, kwargs, reference = _triton_case(problem, triton_device)
+    check_against_reference(op("triton"), inputs, masks, window, torch.float16,
+                            random_like(inputs["q"].shape, seed=4, device=triton_device), reference=reference,
+                            baseline=dense_in_dtype, **kwargs)
+
+
+def triton_keep_masks(b, h, n, prefix, p, seed):
+    """Dense keep masks of the Triton kernels' documented scheme (`triton/__init__.py`), built in NumPy: one counter
+    space for local and global rows, prefix key `j` at `N` rounded up to a multiple of 4, plus `j` (in "separate"
+    mode too: the text's and the prefix's probabilities are different columns)."""
+    positions = list(range(n)) + [(n + 3) // 4 * 4 + j for j in range(prefix)]
+    keep = torch.stack([philox_keep(seed, bh, range(n), positions, p) for bh in range(b * h)])
+    keep = keep.view(b, h, n, n + prefix)
+    return keep, keep
+
+
+@pytest.mark.program_order
+@pytest.mark.usefixtures("poison_outputs")
+@settings(max_examples=4, deadline=None, suppress_health_check=SHARED_FIXTURES)
+@given(problem=problems(max_n=32, head_dims=(4,)), p=st.sampled_from([0.2, 0.5]))
+def test_triton_dropout_replays_the_documented_philox_masks(triton_device, problem, p):
+    """Output and every gradient are the row statement's with the documented Philox masks on each probability
+    matrix (so the backward regenerated exactly the forward's)."""
+    inputs, masks, window, kwargs, _ = _triton_case(problem, triton_device)
+    torch.manual_seed(7)
+    seed = int(torch.randint(2**31, 2**62, (), dtype=torch.int64))  # what the op draws after manual_seed(7)
+    b, n, h, _ = inputs["q"].shape
+    keep = triton_keep_masks(b, h, n, inputs["prefix_k"].shape[-3], p, seed)
+    cpu = {k: t.cpu() for k, t in inputs.items()}
+    cpu_masks = {k: t.cpu() for k, t in masks.items()}
+    grad_out = random_like(inputs["q"].shape, seed=5)
+    want = run_with_grads(lambda **kw: row_oracle(**kw, keep=keep), cpu, cpu_masks, window, torch.float64,
+                          grad_out.double(), dropout_p=p, **kwargs)
+    torch.manual_seed(7)
+    got = run_with_grads(op("triton"), {k: t.float() for k, t in inputs.items()}, masks, window, torch.float32,
+                         grad_out.to(triton_device), dropout_p=p, **kwargs)
+    torch.testing.assert_close(got[0].cpu().double(), want[0], atol=1e-5, rtol=1e-4)
+    for g, w in zip(got[1], want[1], strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g.cpu().double(), w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.program_order
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("separate", [False, True])
+def test_triton_gpu_tiles_with_documents(triton_device, monkeypatch, separate):
+    """The GPU tile configuration (64-row tiles in fp16) through documents that straddle tiles, a one-token
+    document, globals at document edges, padding after the last document, and the global rows' own prefix."""
+    from prefix_kernels.backends.triton import launch as triton_launch
+
+    monkeypatch.setattr(triton_launch, "SMALL_TILES", False)
+    h = 2
+    inputs, masks = make_inputs(1, 150, h, 16, dtype=torch.float64, seed=11, prefix=3, prefix_global=True,
+                                prefix_scale=(h,) if separate else None, n_global={0: [0, 69, 70, 71, 140]},
+                                pad={0: list(range(142, 150))}, documents=[70, 1, 71])
+    kwargs = {"prefix_normalization": "separate"} if separate else {}
+    inputs, masks, window, kwargs, reference = _triton_case((inputs, masks, 20, kwargs), triton_device)
+    check_against_reference(op("triton"), inputs, masks, window, torch.float16,
+                            random_like(inputs["q"].shape, seed=6, device=triton_device), reference=reference,
+                            baseline=dense_in_dtype, **kwargs)
+
+
+def _every_feature_args():
     x, masks = make_inputs(1, 12, 2, 4, prefix=2, prefix_global=True, prefix_scale=(), n_global={0: [0]},
                            documents=[5])
-    args = check_inputs(**x, **masks, window=2, prefix_normalization="separate")
+    return check_inputs(**x, **masks, window=2, prefix_normalization="separate")
+
+
+def test_the_fused_backends_say_why():
+    """The CUDA library declines each feature by name, and `auto` moves on."""
     from prefix_kernels.attention import _load
 
-    module, why = _load(backend)
+    module, why = _load("cuda")
     if module is None:
-        pytest.skip(f"backend {backend!r} cannot be imported here: {why}")
+        pytest.skip(f"backend 'cuda' cannot be imported here: {why}")
+    args = _every_feature_args()
     reason = module.cannot_serve(args)
     for name in ("separate", "document_ids", "prefix_k_global"):
         assert name in reason
-    assert pk.attention.select_backend(args, "auto") in ("cpu", "reference")
+    assert pk.attention.select_backend(args, "auto") != "cuda"
+
+
+def test_the_triton_kernels_serve_every_feature():
+    """The Triton backend no longer declines the features (it may still decline the device, e.g. no GPU and no
+    interpreter, for its usual reasons, which never name a feature)."""
+    from prefix_kernels.attention import _load
+
+    module, why = _load("triton")
+    if module is None:
+        pytest.skip(f"backend 'triton' cannot be imported here: {why}")
+    reason = module.cannot_serve(_every_feature_args()) or ""
+    for name in ("separate", "document_ids", "prefix_k_global"):
+        assert name not in reason
 
 
 def test_custom_op_with_every_feature():

@@ -10,11 +10,12 @@ loop; it runs in a subprocess because `TRITON_INTERPRET`, set for this process b
 The configurations: the headline specialization (bf16, D = 64, 17 globals, so a 32-slot global block, 16 prefix
 keys, N a multiple of the tiles and a ragged N, both over several key splits) on sm_90 and sm_80; more than 64
 globals (the backward's loop over global blocks), without and with fp16 / bf16 dropout (the dropout tile); the
-headline with dropout; D = 128 with dropout; IEEE fp32 and TF32. Each with the global projections and without
-them (local rows only). Head dims 160, 192 and 256 on sm_80 and sm_90: the tool asks the launcher's
-`cannot_serve` reasoning (on a GPU of that arch with all the shared memory its tiles may use) and compiles what it
-serves; today it refuses them all (`test_triton_launch.py` checks the refusals on real GPUs' limits), and tiles for
-them, once added, are compiled and held to the same limits here.
+headline with dropout; D = 128 with dropout; IEEE fp32 and TF32; the headline with the op's features
+(`prefix_normalization="separate"` with the global rows' own prefix, and `document_ids`). Each with the global
+projections and without them (local rows only). Head dims 160, 192 and 256 on sm_80 and sm_90: the tool asks the
+launcher's `cannot_serve` reasoning (on a GPU of that arch with all the shared memory its tiles may use) and
+compiles what it serves; today it refuses them all (`test_triton_launch.py` checks the refusals on real GPUs'
+limits), and tiles for them, once added, are compiled and held to the same limits here.
 
 The compiler is this process's Triton, or the one installed (`pip install --no-deps --target DIR "triton==3.6.*"`)
 in the directory `PK_COMPILE_TRITON` names, which the tool's process puts first on its path; CI runs this file under
@@ -59,34 +60,36 @@ CONFIGS = {
     "d128-dropout-sm90": (90, "float16", 128, 0.1, "highest", "1000", *HEADLINE),
     "fp32-dropout-sm80": (80, "float32", 32, 0.1, "highest", "320", 3, 4, 40),  # IEEE fp32
     "tf32-d128-sm80": (80, "float32", 128, 0.0, "high", "300", 3, 4, 40),
+    "headline-separate-sm90": (90, "bfloat16", 64, 0.0, "highest", "1088", *HEADLINE),
+    "headline-documents-sm90": (90, "bfloat16", 64, 0.0, "highest", "1088", *HEADLINE),
 }
+# The op features a configuration compiles in (`kernel_resources.py --features`; the others: "joint", none).
+FEATURES = {"headline-separate-sm90": "separate", "headline-documents-sm90": "documents"}
 
 # Spill stacks (bytes) accepted outside the band loops, per Triton version (major.minor): (config id, kernel, N,
 # local rows only) -> stack. A kernel not named here keeps none; a named one keeps exactly this much (a change
-# shows). All in the backward kernel. Under Triton 3.6 the sm_80 dropout backward with more than 64 globals keeps
-# 64 bytes (its tile loops none): 16-query global blocks leave 8 bytes but cost more per global query, and leaving
-# its non-band loops unpipelined leaves 24 bytes and lengthens the band loop (BENCHMARKS.md).
+# shows). All in the backward kernel, but one in the forward under Triton 3.6.
 BWD = "_attention_bwd_kernel"
 ACCEPTED_STACK: dict[str, dict[tuple[str, str, int, bool], int]] = {
-    "3.8": {("headline-sm90", BWD, 1088, False): 72, ("headline-dropout-sm90", BWD, 1000, False): 24,
-            ("globals70-sm80", BWD, 1088, False): 16, ("globals70-dropout-sm80", BWD, 1000, False): 16,
-            ("d128-dropout-sm90", BWD, 1000, False): 24, ("fp32-dropout-sm80", BWD, 320, False): 24},
-    "3.6": {("headline-sm80", BWD, 1088, False): 16, ("headline-sm80", BWD, 1088, True): 16,
-            ("headline-sm80", BWD, 1000, False): 104, ("headline-sm80", BWD, 1000, True): 104,
-            ("globals70-sm80", BWD, 1088, False): 16, ("globals70-sm80", BWD, 1088, True): 16,
-            ("globals70-dropout-sm80", BWD, 1000, False): 64, ("globals70-dropout-sm80", BWD, 1000, True): 8,
-            ("d128-dropout-sm90", BWD, 1000, False): 24, ("d128-dropout-sm90", BWD, 1000, True): 40,
-            ("tf32-d128-sm80", BWD, 300, False): 88, ("tf32-d128-sm80", BWD, 300, True): 88},
+    "3.8": {("headline-dropout-sm90", BWD, 1000, False): 16, ("headline-dropout-sm90", BWD, 1000, True): 8,
+            ("globals70-sm90", BWD, 1088, False): 32, ("globals70-sm80", BWD, 1088, False): 16,
+            ("globals70-dropout-sm80", BWD, 1000, False): 24, ("d128-dropout-sm90", BWD, 1000, False): 24,
+            ("headline-separate-sm90", BWD, 1088, False): 72, ("headline-documents-sm90", BWD, 1088, False): 104,
+            ("headline-documents-sm90", BWD, 1088, True): 112},
+    "3.6": {("headline-sm80", BWD, 1088, False): 8, ("headline-sm80", BWD, 1088, True): 8,
+            ("headline-sm80", BWD, 1000, False): 96, ("headline-sm80", BWD, 1000, True): 96,
+            ("globals70-sm80", BWD, 1088, False): 8, ("globals70-sm80", BWD, 1088, True): 8,
+            ("globals70-dropout-sm80", BWD, 1000, False): 64,
+            ("globals70-dropout-sm80", "_attention_fwd_kernel", 1000, False): 8,
+            ("d128-dropout-sm90", BWD, 1000, False): 32,
+            ("tf32-d128-sm80", BWD, 300, False): 88, ("tf32-d128-sm80", BWD, 300, True): 88,
+            ("headline-documents-sm90", BWD, 1088, False): 24, ("headline-documents-sm90", BWD, 1088, True): 32},
 }
 # Spill accesses accepted inside a tile loop, per Triton version: (config id, kernel, N, local rows only, loop
-# function) -> the most accesses per tile in any loop of that function (each exactly this many or none; the most
-# must be reached, so a change shows). Never in a band loop (`_local_rows_fwd`, `_band_keys_bwd`: the hot ones).
-# Under Triton 3.6 the D = 128 dropout backward reloads one spilled value per tile in one of the global rows' two
-# key loops.
-ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {
-    "3.6": {("d128-dropout-sm90", BWD, 1000, False, "_global_rows_bwd_split"): 1},
-}
-HOT_LOOPS = ("_local_rows_fwd:", "_band_keys_bwd:")
+# function) -> accesses per tile. Never in a band loop (`_local_rows_fwd`, `_band_pairs_bwd`: the hot ones). None
+# at present, under either Triton.
+ACCEPTED_LOOP_SPILLS: dict[str, dict[tuple[str, str, int, bool, str], int]] = {}
+HOT_LOOPS = ("_local_rows_fwd:", "_band_pairs_bwd:")
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
@@ -136,7 +139,7 @@ def test_triton_kernels_compile(tmp_path, config):
     out = tmp_path / "rows.json"
     args = ["--arch", str(arch), "--dtype", dtype, "--head-dim", str(head_dim), "--dropout", str(dropout),
             "--fp32-precision", fp32_precision, "--seq-len", seq_len, "--globals", str(n_global), "--prefix",
-            str(prefix), "--window", str(window), "--json", str(out)]
+            str(prefix), "--window", str(window), "--features", FEATURES.get(config, "joint"), "--json", str(out)]
     r = _run_tool(args, tmp_path)
     if r.returncode == EXIT_CANNOT_COMPILE:
         pytest.skip(r.stderr.strip())
@@ -157,6 +160,7 @@ def test_triton_kernels_compile(tmp_path, config):
         tf32 = "-tf32" if dtype == "float32" and fp32_precision != "highest" else ""
         assert (row["arch"], row["dtype"], row["head_dim"]) == (f"sm_{arch}", dtype + tf32, head_dim)
         assert (row["globals"], row["prefix"], row["dropout"]) == (n_global, prefix, dropout > 0)
+        assert row["features"] == FEATURES.get(config, "joint")
         assert 0 < row["regs"] <= 255, row
         assert row["shared"] <= TILE_SHARED_LIMIT[arch], row
         key = (config, row["kernel"], row["n"], row["local"])
@@ -183,7 +187,7 @@ def test_triton_kernels_compile(tmp_path, config):
     for n in lengths:
         for local in (False, True):
             assert "_local_rows_fwd:" in " ".join(by_kernel[("_attention_fwd_kernel", n, local)]), by_kernel
-            assert "_band_keys_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
+            assert "_band_pairs_bwd:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
             if not local:
                 assert "_global_rows_bwd_split:" in " ".join(by_kernel[("_attention_bwd_kernel", n, local)]), by_kernel
     if config == "headline-sm90":

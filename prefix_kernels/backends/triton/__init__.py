@@ -30,11 +30,47 @@ prefix `(B, P, H, D)` (batch stride 0 allowed), `LSE` `(B, H, N)` fp32. Conventi
   tiles. Without the global projections (`q_global = None` with a global index: local rows only, `GLOBAL_ROWS`
   off) no global-row program runs, in the forward or the backward: those rows stay 0 and take no gradient, while
   the global tokens remain the global keys of the local rows (`HAS_GLOBAL`), with their dK/dV.
+* Documents (`document_ids`, `HAS_DOC`): a table `DOCS (4, B, N)` int32, built once per mask (`_doc_tables`):
+  per token its document's start and end position and its document's first and past-last slot in the compact
+  global list (padding tokens take a neighbouring document: they are neither rows nor keys). Documents are
+  contiguous runs, so a tile's documents are one position range and one slot range: a local-row tile's band is
+  clipped to `[start of its first row's document, end of its last row's)` and its global keys to that slot range;
+  a band key tile's query tiles likewise. A tile whose rows (keys) lie in one document then needs no document
+  test on its interior tiles (the clipped edges are classified like the band's edges). A forward tile that
+  straddles a boundary compares each element's document start. A backward band key tile takes one pass over its
+  query tiles per document among its keys (one, unless it straddles a boundary), with that document's keys
+  and its query tiles clipped to the document; its masked tiles admit rows by their position against the
+  document's range, so no document is loaded inside the band loop and its interior tiles run the loop body of a
+  call without documents. The shared keys' backward admits each key's rows by position too (`[start, end)` of a
+  global key's document, every row for a prefix key). Global queries test each text key's document (the global
+  rows are few); their forward key splits are clipped to the query block's documents; the prefix is every
+  document's.
+* Shared keys ("joint" mode): the keys every local query sees, the compact global list (through the local `k,
+  v`) and the prefix, are one list, global slots first, gathered into blocks of the key tile's width (`BLOCK_N`;
+  one 64-key block for 17 globals and 16 prefix keys; half of it with dropout at D > 64, where the block's one
+  Philox call per element would spill) and walked once: the forward's local-row tile takes one
+  softmax step for them, the backward's shared-key programs load each query tile and add its dQ part once per
+  block, the keys as the rows of 64-row tiles. The order of the softmax steps differs from separate global and
+  prefix blocks, so the results agree with them to rounding, not bitwise. "separate" mode keeps two blocks (its
+  two softmaxes), and so does the forward with documents (the global keys' document test stays out of the
+  prefix block, where in one block it costs more instructions than two blocks).
+* "separate" prefix normalization (`SEPARATE`, `prefix_scale (H,)` fp32): the prefix keys get a second running
+  normaliser after the text's, `out = A + s_h * B`, and `LSE` is `(2, B, H, N)` (the text's, then the prefix's
+  softmax; `lse_plane = B * H * N` apart); a global row's key splits merge the text splits by their LSE and add
+  the prefix split scaled. The backward needs `rowsum(dO * B)` per row (the text's delta is `rowsum(dO * O) - s_h
+  * rowsum(dO * B)`, the prefix's `rowsum(dO * B)`, whose sum over rows is `prefix_scale`'s gradient): the
+  preprocess kernel recomputes `B` from the prefix LSE (P keys per row). The prefix's `dS` is scaled by `s_h`
+  and its dV multiplied by it. The global rows' own prefix (`prefix_k_global`, `PKG, PVG`; the local rows' when
+  absent) is what their prefix split reads, in both modes, its gradient the prefix partials' last slot.
 * Dropout: Philox-4x32-10 keyed by `seed`, counter `(j // 4, i, b * H + h, 0)`, output word `j % 4`, for query `i`
   and key position `j` (prefix key `p` is at `N` rounded up to a multiple of 4, plus `p`): one Philox call serves
   four consecutive keys of a tile, and no counter repeats below 2**32 rows. A row is local or global, never both,
   so one counter space covers both probability matrices, and the backward regenerates exactly the forward's
-  mask. Kept probabilities are scaled by `1 / (1 - p)`.
+  mask. A block of shared keys keeps each key's own position (a global key's token, a prefix key's `N`
+  rounded up plus `p`), one Philox call per element there. In "separate" mode the prefix columns keep these
+  positions: `A` and `B` are different columns of the
+  row, so their bits are independent (the counter differs), and each softmax is dropped on its own. Kept
+  probabilities are scaled by `1 / (1 - p)`.
 * fp32 follows PyTorch's fp32 matmul setting, as PyTorch's own matmuls do: by default (precision "highest")
   `tl.dot(..., input_precision="ieee")`, full fp32 products on the FMA units, matching the fp32 reference to
   ~1e-5; with TF32 matmuls enabled (`torch.set_float32_matmul_precision("high")`, `allow_tf32`,

@@ -111,20 +111,55 @@ def _has_special(SPECIAL, b, N, start, end):
 
 
 @triton.jit
-def _band_tiles(start, N, window, FIXED: tl.constexpr, STEP: tl.constexpr):
+def _band_tiles(start, N, window, FIXED: tl.constexpr, STEP: tl.constexpr, key_lo=0, key_hi=0,
+                CLIP: tl.constexpr = False):
     """Tiles of `STEP` positions that meet the band of the fixed tile `[start, start + FIXED)`: tile starts
     `[lo, hi)` (`lo` a multiple of `STEP`); those in `[mid_lo, mid_hi)` lie inside the band and the sequence, the
-    others cross the band's edge (or the sequence end) and need the element mask."""
-    lo = tl.maximum(start - window, 0) // STEP * STEP
-    hi = tl.minimum(start + FIXED + window, N)
+    others cross the band's edge (or the sequence end) and need the element mask. `CLIP`: the other side is
+    further limited to positions `[key_lo, key_hi)` (the fixed tile's documents; a subset of `[0, N)`), and tiles
+    crossing those limits need the element mask too. Without it the bounds are computed exactly as before
+    documents existed (same instructions)."""
+    if CLIP:
+        lo = tl.maximum(start - window, key_lo) // STEP * STEP
+        hi = tl.minimum(start + FIXED + window, key_hi)
+    else:
+        lo = tl.maximum(start - window, 0) // STEP * STEP
+        hi = tl.minimum(start + FIXED + window, N)
     hi_tiles = lo + tl.cdiv(hi - lo, STEP) * STEP
-    # inside: t >= start + FIXED - 1 - window, t + STEP - 1 <= start + window, t + STEP <= N
-    mid_lo = lo + tl.cdiv(tl.maximum(start + FIXED - 1 - window - lo, 0), STEP) * STEP
-    last = tl.minimum(start + window + 1, N) - STEP
+    # inside: t >= start + FIXED - 1 - window, t + STEP - 1 <= start + window, t + STEP <= N (with CLIP: t >=
+    # key_lo, t + STEP <= key_hi)
+    if CLIP:
+        mid_lo = lo + tl.cdiv(tl.maximum(tl.maximum(start + FIXED - 1 - window, key_lo) - lo, 0), STEP) * STEP
+        last = tl.minimum(start + window + 1, key_hi) - STEP
+    else:
+        mid_lo = lo + tl.cdiv(tl.maximum(start + FIXED - 1 - window - lo, 0), STEP) * STEP
+        last = tl.minimum(start + window + 1, N) - STEP
     mid_hi = tl.where(last >= lo, lo + (tl.maximum(last - lo, 0) // STEP + 1) * STEP, lo)
     mid_lo = tl.minimum(mid_lo, hi_tiles)
     mid_hi = tl.maximum(tl.minimum(mid_hi, hi_tiles), mid_lo)
     return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _doc_span(DOCS, doc_plane, b, N, first, last):
+    """Documents of positions `first <= last` of batch row `b` (`DOCS (4, B, N)` int32, planes `doc_plane` apart:
+    each token's document start, end, and first / past-last slot in the compact global list): `(start of first's
+    document, end of last's document, first slot of first's document, past-last slot of last's document, whether
+    first and last lie in different documents)`. Documents are contiguous runs, so the span is every position
+    (and global slot) of the documents in between."""
+    base = DOCS + b * N
+    doc_first = tl.load(base + first)
+    doc_last = tl.load(base + last)
+    end = tl.load(base + doc_plane + last)
+    g_lo = tl.load(base + 2 * doc_plane + first)
+    g_hi = tl.load(base + 3 * doc_plane + last)
+    return doc_first, end, g_lo, g_hi, doc_first != doc_last
+
+
+@triton.jit
+def _doc_of(DOCS, b, N, pos, ok):
+    """Document (its start position) of positions `pos` of batch row `b`; -1 where not `ok`."""
+    return tl.load(DOCS + b * N + pos, mask=ok, other=-1)
 
 
 @triton.jit
@@ -149,6 +184,32 @@ def _prefix_keys(pk_base, pv_base, spkn, spvn, p0, P, HEAD_DIM: tl.constexpr, BL
     k = _load_rows(pk_base, pcols, spkn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     v = _load_rows(pv_base, pcols, spvn, p_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     return k, v, p_ok, pcols
+
+
+@triton.jit
+def _shared_block(k_base, v_base, skn, svn, gidx_row, g_start, n_g, pk_base, pv_base, spkn, spvn, n_p, col0, c0,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Block `c0 .. c0 + BLOCK_S - 1` of the shared keys ("joint" mode): the `n_g` compact global slots from
+    `g_start` (through `k_base, v_base`), then the `n_p` prefix rows, one list gathered into one block (one gather
+    load per row: each row's pointer is selected). Returns `k, v`, which entries exist, which are global keys,
+    which are prefix keys, each key's position in the dropout counter space (a global key's token position,
+    prefix key `p` at `col0 + p`: the same counters as when they were separate blocks) and the global keys' token
+    positions (0 elsewhere)."""
+    c = c0 + tl.arange(0, BLOCK_S)
+    is_g = c < n_g
+    ok = c < n_g + n_p
+    is_p = ok & (c >= n_g)
+    # (int32 already; the cast is for the placeholder `GIDX` of a call without global tokens)
+    gpos = tl.load(gidx_row + g_start + c, mask=is_g, other=0).to(tl.int32)
+    pidx = c - n_g  # (negative on global keys: those rows take the other pointer)
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    k_ptrs = tl.where(is_g[:, None], k_base + gpos[:, None].to(tl.int64) * skn + offs_d,
+                      pk_base + pidx[:, None].to(tl.int64) * spkn + offs_d)
+    v_ptrs = tl.where(is_g[:, None], v_base + gpos[:, None].to(tl.int64) * svn + offs_d,
+                      pv_base + pidx[:, None].to(tl.int64) * spvn + offs_d)
+    k = _load_at(k_ptrs, ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    v = _load_at(v_ptrs, ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    return k, v, ok, is_g, is_p, tl.where(is_g, gpos, col0 + pidx), gpos
 
 
 @triton.jit
@@ -185,6 +246,26 @@ def _split_key_tile(k_base, v_base, skn, svn, KIND, b, N, n0, end, col_offset, H
     k = _load_rows(k_base, cols, skn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     v = _load_rows(v_base, cols, svn, col_ok, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     return k, v, cols, col_ok
+
+
+@triton.jit
+def _doc_clip(DOCS, doc_plane, b, N, gpos, g_ok, g_doc, start, end, col_offset, STEP: tl.constexpr):
+    """A global-row split's key range `[start, end)` clipped to the documents of its global queries (`gpos`, which
+    exist `g_ok`, their documents `g_doc`); the start stays `STEP`-aligned (the dropout bits' tiles). The prefix
+    split (`col_offset > 0`) is left whole."""
+    d_lo = tl.min(tl.where(g_ok, g_doc, N), 0)
+    d_hi = tl.max(tl.load(DOCS + doc_plane + b * N + gpos, mask=g_ok, other=0), 0)
+    text = col_offset == 0
+    new_start = tl.maximum(start, d_lo - (d_lo - start) % STEP)
+    return tl.where(text, new_start, start), tl.where(text, tl.minimum(end, d_hi), end)
+
+
+@triton.jit
+def _same_doc_or_prefix(DOCS, b, N, cols, col_ok, g_doc, col_offset):
+    """`(len(g_doc), len(cols))`: key `cols` lies in the document of each global query, or is a prefix key
+    (`col_offset > 0`: every row sees it)."""
+    c_doc = _doc_of(DOCS, b, N, cols, col_ok & (col_offset == 0))
+    return (g_doc[:, None] == c_doc[None, :]) | (col_offset > 0)
 
 
 @triton.jit

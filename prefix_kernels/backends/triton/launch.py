@@ -61,6 +61,40 @@ def _token_tables(key_padding_mask, global_idx, global_count, b: int, n: int, de
     return mask_cache.cached("triton_token_tables", sources, build, key=(b, n, str(device)))
 
 
+def _doc_tables(document_ids, key_padding_mask, global_idx, global_count, b: int, n: int, device):
+    """`DOCS (4, B, N)` int32 for `document_ids`: per token, its document's start and end position and its
+    document's first and past-last slot in the compact global list (see the package docstring).
+
+    Padding tokens take the document of the nearest non-padding token before them (after them for leading
+    padding): their ids are arbitrary, they are neither rows nor keys, and so a padding run inside or after a
+    document never splits it. Built once per mask (`core.masks.cached`), like the token tables."""
+
+    def build():
+        pos = torch.arange(n, device=device).expand(b, n)
+        ids = document_ids.long()
+        if key_padding_mask is not None:
+            before = torch.cummax(torch.where(key_padding_mask, -1, pos), 1).values
+            after = torch.cummin(torch.where(key_padding_mask, n, pos).flip(1), 1).values.flip(1)
+            ids = ids.gather(1, torch.where(before >= 0, before, after).clamp(max=max(n - 1, 0)))
+        new_doc = torch.ones(b, n, dtype=torch.bool, device=device)
+        new_doc[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        start = torch.cummax(torch.where(new_doc, pos, 0), 1).values
+        last = torch.ones(b, n, dtype=torch.bool, device=device)
+        last[:, :-1] = new_doc[:, 1:]
+        end = torch.cummin(torch.where(last, pos + 1, n).flip(1), 1).values.flip(1)
+        before_pos = torch.zeros(b, n + 1, dtype=torch.long, device=device)  # global slots before each position
+        if global_idx is not None:
+            is_global = torch.zeros(b, n + 1, dtype=torch.long, device=device)
+            slots = torch.arange(global_idx.shape[1], device=device)
+            is_global.scatter_(1, torch.where(slots[None, :] < global_count[:, None], global_idx.long(), n), 1)
+            before_pos[:, 1:] = torch.cumsum(is_global[:, :n], 1)
+        return torch.stack([start, end, before_pos.gather(1, start), before_pos.gather(1, end)]).to(
+            torch.int32).contiguous()
+
+    sources = tuple(t for t in (document_ids, key_padding_mask, global_idx, global_count) if t is not None)
+    return mask_cache.cached("triton_doc_tables", sources, build, key=(b, n, str(device)))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Tile table and launchers (contract: `core/custom_op.py`)
 # ------------------------------------------------------------------------------------------------------------
@@ -185,7 +219,7 @@ class _Launch:
     placeholders that stand for absent tensors."""
 
     def __init__(self, q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
-                 global_rows):
+                 global_rows, prefix_scale=None, document_ids=None):
         self.b, self.n, self.h, self.d = q.shape
         self.device = q.device
         self.has_global = has_global
@@ -203,9 +237,18 @@ class _Launch:
         self.gcnt = global_count if has_global else self.dummy
         self.gstride = global_idx.stride(0) if has_global else 0
         self.g_pad = triton.cdiv(max_global, self.cfg["BLOCK_G"]) * self.cfg["BLOCK_G"] if has_global else 0
+        self.separate = prefix_scale is not None
+        self.pscale = prefix_scale.float().contiguous() if self.separate else self.dummy
+        self.lse_plane = self.b * self.h * self.n  # the prefix softmax's LSE plane ("separate")
+        self.docs = self.dummy
+        if document_ids is not None:
+            self.docs = _doc_tables(document_ids, key_padding_mask, global_idx if has_global else None,
+                                    global_count if has_global else None, self.b, self.n, self.device)
+        self.doc_plane = self.b * self.n
         self.flags = dict(HEAD_DIM=self.d, BLOCK_D=self.cfg["BLOCK_D"], HAS_KIND=self.tables is not None,
                           HAS_GLOBAL=has_global, GLOBAL_ROWS=global_rows, HAS_PREFIX=self.has_prefix,
-                          HAS_DROPOUT=dropout_p > 0, DOT_PREC=self.dot_prec)
+                          HAS_DROPOUT=dropout_p > 0, DOT_PREC=self.dot_prec, HAS_DOC=document_ids is not None,
+                          SEPARATE=self.separate)
 
     def or_dummy(self, t):
         return self.dummy if t is None else t
@@ -224,26 +267,32 @@ def _on_device(device: torch.device):
 
 
 def forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
-            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
-    """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (log2 domain, `+inf` = no key)."""
+            *, window: int, scale: float, dropout_p: float, seed: int, max_global: int, prefix_k_global=None,
+            prefix_v_global=None, prefix_scale=None, document_ids=None):
+    """Returns `out (B, N, H, D)` in `q.dtype` and `lse (B, H, N)` fp32 (log2 domain, `+inf` = no key; with
+    `prefix_scale`, `(2, B, H, N)`: the text's and the prefix's softmax)."""
     with _on_device(q.device):
         return _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
                         global_count, window=window, scale=scale, dropout_p=dropout_p, seed=seed,
-                        max_global=max_global)
+                        max_global=max_global, prefix_k_global=prefix_k_global, prefix_v_global=prefix_v_global,
+                        prefix_scale=prefix_scale, document_ids=document_ids)
 
 
 def _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx, global_count,
-             *, window, scale, dropout_p, seed, max_global):
-    q, k, v, q_global, k_global, v_global, prefix_k, prefix_v = map(
-        _unit_d, (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v))
+             *, window, scale, dropout_p, seed, max_global, prefix_k_global, prefix_v_global, prefix_scale,
+             document_ids):
+    q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global, prefix_v_global = map(
+        _unit_d, (q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global, prefix_v_global))
+    if prefix_k_global is None:
+        prefix_k_global, prefix_v_global = prefix_k, prefix_v
     has_global = global_idx is not None and max_global > 0
     global_rows = has_global and q_global is not None  # else local rows only: global rows stay 0
     L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
-                global_rows)
+                global_rows, prefix_scale, document_ids)
     b, n, h, d, cfg = L.b, L.n, L.h, L.d, L.cfg
     window = min(window, n)  # the same key sets; a window near 2**31 would overflow the band bounds' int32 sums
     out = new_output((b, n, h, d), q.dtype, L.device)
-    lse = new_output((b, h, n), torch.float32, L.device)
+    lse = new_output((2, b, h, n) if L.separate else (b, h, n), torch.float32, L.device)
     if n == 0:
         return out, lse
     num_splits = triton.cdiv(n, cfg["CHUNK"])
@@ -256,67 +305,94 @@ def _forward(q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padd
         n_global_progs = n_parts * (L.g_pad // cfg["BLOCK_G"])
     _attention_fwd_kernel[(n_global_progs + triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
         q, k, v, L.or_dummy(q_global), L.or_dummy(k_global), L.or_dummy(v_global), L.or_dummy(prefix_k),
-        L.or_dummy(prefix_v), L.kind, L.special, L.gidx, L.gcnt, out, lse, part_o, part_l,
+        L.or_dummy(prefix_v), L.or_dummy(prefix_k_global), L.or_dummy(prefix_v_global), L.kind, L.special, L.gidx,
+        L.gcnt, L.docs, L.pscale, out, lse, part_o, part_l,
         *_strides(q), *_strides(k), *_strides(v), *_strides(q_global), *_strides(k_global), *_strides(v_global),
-        *_strides(prefix_k), *_strides(prefix_v), *_strides(out),
-        n, h, L.p, L.gstride, L.g_pad, cfg["CHUNK"], num_splits, n_parts, n_global_progs, window, scale * LOG2E,
-        dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        *_strides(prefix_k), *_strides(prefix_v), *_strides(prefix_k_global), *_strides(prefix_v_global),
+        *_strides(out), n, h, L.p, L.gstride, L.g_pad, cfg["CHUNK"], num_splits, n_parts, n_global_progs,
+        L.doc_plane, L.lse_plane, window, scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["num_stages"],
         EVEN_N=n % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **L.flags)
     if global_rows:
         _global_rows_merge_kernel[(max_global, b * h)](
-            part_o, part_l, L.gidx, L.gcnt, out, lse, *_strides(out), n, h, L.gstride, L.g_pad, n_parts,
-            HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(n_parts)))
+            part_o, part_l, L.gidx, L.gcnt, L.pscale, out, lse, *_strides(out), n, h, L.gstride, L.g_pad, n_parts,
+            L.lse_plane, HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(n_parts)),
+            SEPARATE=L.separate)
     return out, lse
 
 
 def backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
-             global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int):
-    """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is."""
+             global_count, out, lse, *, window: int, scale: float, dropout_p: float, seed: int, max_global: int,
+             **features):
+    """Returns `(dq, dk, dv, dq_global, dk_global, dv_global, dprefix_k, dprefix_v)`, `None` where the input is;
+    with any of `features` (`prefix_k_global`, `prefix_v_global`, `prefix_scale`, `document_ids`), also
+    `dprefix_k_global, dprefix_v_global, dprefix_scale`."""
     with _on_device(q.device):
-        return _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask,
-                         global_idx, global_count, out, lse, window=window, scale=scale, dropout_p=dropout_p,
-                         seed=seed, max_global=max_global)
+        grads = _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask,
+                          global_idx, global_count, out, lse, window=window, scale=scale, dropout_p=dropout_p,
+                          seed=seed, max_global=max_global, **features)
+    return grads if features else grads[:8]
 
 
 def _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, key_padding_mask, global_idx,
-              global_count, out, lse, *, window, scale, dropout_p, seed, max_global):
+              global_count, out, lse, *, window, scale, dropout_p, seed, max_global, prefix_k_global=None,
+              prefix_v_global=None, prefix_scale=None, document_ids=None):
     if grad_out.stride(-3) >= ROW_STRIDE_LIMIT:
         # `cannot_serve` checks the inputs' row strides; the output gradient comes from autograd, and its rows too
         # are addressed with 32-bit tile offsets.
         grad_out = grad_out.contiguous()
-    grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out = map(
-        _unit_d, (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, out))
+    grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global, prefix_v_global, out = map(
+        _unit_d, (grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_v, prefix_k_global,
+                  prefix_v_global, out))
+    own_prefix_global = prefix_k_global is not None
+    if not own_prefix_global:
+        prefix_k_global, prefix_v_global = prefix_k, prefix_v
     has_global = global_idx is not None and max_global > 0
     global_rows = has_global and q_global is not None  # else local rows only: no gradient through global rows
     L = _Launch(q, prefix_k, key_padding_mask, global_idx, global_count, max_global, dropout_p, has_global,
-                global_rows)
+                global_rows, prefix_scale, document_ids)
     b, n, h, d, p, cfg = L.b, L.n, L.h, L.d, L.p, L.cfg
     window = min(window, n)  # as in the forward
     dq, dk, dv = (new_output((b, n, h, d), q.dtype, L.device) for _ in range(3))
-    dq_g = dk_g = dv_g = dpk = dpv = None
+    dq_g = dk_g = dv_g = dpk = dpv = dpk_g = dpv_g = dscale = None
     if q_global is not None:
         dq_g, dk_g, dv_g = (new_output((b, n, h, d), q.dtype, L.device) for _ in range(3))
     if L.has_prefix:
         dpk, dpv = (new_output((b, p, h, d), q.dtype, L.device) for _ in range(2))
+    if own_prefix_global:
+        dpk_g, dpv_g = (new_output((b, p, h, d), q.dtype, L.device) for _ in range(2))
+        if not global_rows:
+            dpk_g.zero_()  # no global row is computed: the global rows' prefix gets no gradient
+            dpv_g.zero_()
+    if L.separate:
+        dscale = torch.zeros(h, dtype=torch.float32, device=L.device)
+    result = (dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv, dpk_g, dpv_g, dscale)
     if n == 0 or (q_global is not None and not has_global):
         # Nothing to compute for the global projections (no token is global): zero gradients.
-        for t in (dq_g, dk_g, dv_g, dpk, dpv) if n == 0 else (dq_g, dk_g, dv_g):
+        for t in (dq_g, dk_g, dv_g, dpk, dpv, dpk_g, dpv_g) if n == 0 else (dq_g, dk_g, dv_g):
             if t is not None:
                 t.zero_()
         if n == 0:
-            return dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv
+            return result
     bd = cfg["BLOCK_D"]
     pre_m = max(64, cfg["BWD_M"])
     n_pad = triton.cdiv(n, pre_m) * pre_m  # every query tile of the backward lies inside the fp32 dQ accumulator
-    delta = L.scratch(b, h, n)
-    lse_local = L.scratch(b, h, n)
+    planes = (2,) if L.separate else ()
+    delta = L.scratch(*planes, b, h, n)
+    lse_local = L.scratch(*planes, b, h, n)
     dq_acc = L.scratch(b * h, n_pad, bd)
     dqg_acc = L.scratch(b * h, L.g_pad, bd) if global_rows else L.dummy
-    _bwd_preprocess_kernel[(n_pad // pre_m, b * h)](
-        out, grad_out, lse, L.kind, delta, lse_local, dq_acc, dqg_acc, *_strides(out), *_strides(grad_out),
-        n, h, n_pad, L.g_pad, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_m, HAS_KIND=L.tables is not None,
-        GLOBAL_ROWS=global_rows)
+    n_row_progs = n_pad // pre_m
+    n_pre_global = triton.cdiv(max_global, pre_m) if L.separate and global_rows else 0
+    _bwd_preprocess_kernel[(n_row_progs + n_pre_global, b * h)](
+        out, grad_out, lse, L.kind, delta, lse_local, dq_acc, dqg_acc, q, L.or_dummy(q_global),
+        L.or_dummy(prefix_k), L.or_dummy(prefix_v), L.or_dummy(prefix_k_global), L.or_dummy(prefix_v_global),
+        L.gidx, L.gcnt, L.pscale, *_strides(out), *_strides(grad_out), *_strides(q), *_strides(q_global),
+        *_strides(prefix_k), *_strides(prefix_v), *_strides(prefix_k_global), *_strides(prefix_v_global),
+        n, h, p, n_pad, L.g_pad, L.gstride, n_row_progs, L.lse_plane, scale * LOG2E, dropout_p,
+        1.0 / (1.0 - dropout_p), seed, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_m, BLOCK_N=max(16, cfg["BLOCK_N"]),
+        HAS_KIND=L.tables is not None, GLOBAL_ROWS=global_rows, SEPARATE=L.separate, HAS_DROPOUT=dropout_p > 0,
+        DOT_PREC=L.dot_prec)
 
     num_chunks = triton.cdiv(n, cfg["Q_CHUNK"])
     num_splits = triton.cdiv(n, cfg["CHUNK"])
@@ -330,26 +406,32 @@ def _backward(grad_out, q, k, v, q_global, k_global, v_global, prefix_k, prefix_
     n_shared_progs = num_chunks if has_global or L.has_prefix else 0
     _attention_bwd_kernel[(n_global_progs + n_shared_progs + triton.cdiv(n, cfg["BWD_N"]), b * h)](
         q, k, v, L.or_dummy(q_global), L.or_dummy(k_global), L.or_dummy(v_global), L.or_dummy(prefix_k),
-        L.or_dummy(prefix_v), grad_out, lse, lse_local, delta, L.kind, L.gidx, L.gcnt,
+        L.or_dummy(prefix_v), L.or_dummy(prefix_k_global), L.or_dummy(prefix_v_global), grad_out, lse, lse_local,
+        delta, L.kind, L.gidx, L.gcnt, L.docs, L.pscale,
         dk, dv, L.or_dummy(dk_g), L.or_dummy(dv_g), dq_acc, dqg_acc, gpart_k, gpart_v, ppart_k, ppart_v,
         *_strides(q), *_strides(k), *_strides(v), *_strides(q_global), *_strides(k_global), *_strides(v_global),
-        *_strides(prefix_k), *_strides(prefix_v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        *_strides(dk_g), *_strides(dv_g),
+        *_strides(prefix_k), *_strides(prefix_v), *_strides(prefix_k_global), *_strides(prefix_v_global),
+        *_strides(grad_out), *_strides(dk), *_strides(dv), *_strides(dk_g), *_strides(dv_g),
         n, h, p, n_pad, L.gstride, L.g_pad, window, cfg["CHUNK"], num_splits, cfg["Q_CHUNK"], num_chunks,
-        n_prefix_slots, n_global_progs, n_shared_progs, scale * LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p),
-        seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BWD_G"], NUM_STAGES=cfg["bwd_stages"],
-        EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BWD_G"], num_warps=cfg["bwd_warps"],
-        num_stages=cfg["bwd_kernel_stages"], **L.flags)
+        n_prefix_slots, n_global_progs, n_shared_progs, L.doc_plane, L.lse_plane, scale * LOG2E, scale, dropout_p,
+        1.0 / (1.0 - dropout_p), seed, BLOCK_M=cfg["BWD_M"], BLOCK_N=cfg["BWD_N"], BLOCK_G=cfg["BWD_G"],
+        NUM_STAGES=cfg["bwd_stages"], EVEN_M=n % cfg["BWD_M"] == 0, SINGLE_G=max_global <= cfg["BWD_G"],
+        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_kernel_stages"], **L.flags)
 
     fin_m = 64
     n_row_tiles = triton.cdiv(n, fin_m)
-    _bwd_finalize_kernel[(n_row_tiles + 2, b * h)](
+    prefix_global = own_prefix_global and global_rows
+    _bwd_finalize_kernel[(n_row_tiles + 2 + int(prefix_global), b * h)](
         dq_acc, dqg_acc, L.slot, L.gidx, L.gcnt, gpart_k, gpart_v, ppart_k, ppart_v, dq, L.or_dummy(dq_g), dk, dv,
-        L.or_dummy(dpk), L.or_dummy(dpv), *_strides(dq), *_strides(dq_g), *_strides(dk), *_strides(dv),
-        *_strides(dpk), *_strides(dpv), n, h, p, n_pad, L.gstride, L.g_pad, num_chunks, n_prefix_slots,
-        n_row_tiles, scale, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=fin_m, BLOCK_G=cfg["BLOCK_G"], HAS_GLOBAL=has_global,
-        GLOBAL_ROWS=global_rows, HAS_PREFIX=L.has_prefix)
-    return dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv
+        L.or_dummy(dpk), L.or_dummy(dpv), L.or_dummy(dpk_g), L.or_dummy(dpv_g), *_strides(dq), *_strides(dq_g),
+        *_strides(dk), *_strides(dv), *_strides(dpk), *_strides(dpv), *_strides(dpk_g), *_strides(dpv_g), n, h, p,
+        n_pad, L.gstride, L.g_pad, num_chunks, n_prefix_slots, n_row_tiles, scale, HEAD_DIM=d, BLOCK_D=bd,
+        BLOCK_M=fin_m, BLOCK_G=cfg["BLOCK_G"], HAS_GLOBAL=has_global, GLOBAL_ROWS=global_rows,
+        HAS_PREFIX=L.has_prefix, PREFIX_GLOBAL=prefix_global)
+    if L.separate:
+        # The prefix scale's gradient: sum over rows of `rowsum(dO * B)` (0 on rows without a prefix softmax).
+        dscale = delta[1].sum(dim=(0, 2))
+    return dq, dk, dv, dq_g, dk_g, dv_g, dpk, dpv, dpk_g, dpv_g, dscale
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -395,8 +477,6 @@ def _device_reason(device: torch.device, head_dim: int) -> str | None:
 
 
 def cannot_serve(args) -> str | None:
-    if args.features:
-        return f"{', '.join(args.features)} not implemented in the Triton kernels yet"
     if args.dtype == torch.float64:
         return "float64 is served by the reference backend only"
     if INTERPRET:
