@@ -381,6 +381,10 @@ def _local_rows_backward(plan, masks, q, ks, vs, go_v, scale, drop, prefix_scale
         dvb = torch.matmul(kept.transpose(-1, -2), gv)
         del kept
         dp = torch.matmul(gv, vb.transpose(-1, -2))
+        if plan.separate and dp.dtype != torch.float32:
+            # The prefix columns' dP in fp32: the prefix scale's gradient sums them over every row and head dim.
+            dp = dp.float()
+            dp[..., plan.text :] = torch.matmul(gv.float(), vb[..., plan.text :, :].float().transpose(-1, -2))
         if keep is not None:
             dp.mul_(keep)
         ds, dscale = _softmax_grad(dp, parts32, probs.dtype, scale, prefix_scale)
@@ -491,7 +495,11 @@ def _global_rows_backward(plan, gr: _GlobalRows, global_idx, grad_out, scale, dr
         dp = torch.bmm(go_v, gr.keys(b, gr.v).transpose(1, 2))
         if gr.prefix_v is not None:
             grads["dv_prefix"][b] += torch.bmm(kept[..., n:].transpose(1, 2), go_v)
-            dp = torch.cat([dp, torch.bmm(go_v, gr.prefix_v[b].transpose(0, 1).transpose(1, 2))], -1)
+            pv = gr.prefix_v[b].transpose(0, 1).transpose(1, 2)
+            if plan.separate:  # in fp32, as for the local rows
+                dp = torch.cat([dp.float(), torch.bmm(go_v.float(), pv.float())], -1)
+            else:
+                dp = torch.cat([dp, torch.bmm(go_v, pv)], -1)
         if keep is not None:
             dp.mul_(keep)
         ds, dscale = _softmax_grad(dp, parts32, probs.dtype, scale, prefix_scale)

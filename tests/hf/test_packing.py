@@ -1,8 +1,8 @@
 """Packed documents (`hf/packing.py`): several documents per row of a patched Longformer model, told apart by
 restarting `position_ids`. Each document's hidden states, logits and parameter gradients, packed, equal what it gives
 alone (no dropout): the plain model, prefix-tuning, prefix-propagation and the per-document classifier, on the
-reference backend (fp64) and the `cpu` backend (fp32). The Triton kernels decline `document_ids` for now (checked
-below): a patched model on `auto` then runs the next backend, which these tests cover.
+reference backend (fp64), the `cpu` backend (fp32) and the Triton kernels under the interpreter (fp32; compiled on a
+GPU, marked `gpu`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ LAYOUTS = {
     "plain": [[10, 1, 17, 5], [23, 14]],
     "padding_inside": [[9, 0, 1, 12], [1, 1, 30]],
 }
-BACKENDS = [("reference", torch.float64, 1e-10), ("cpu", torch.float32, 2e-5)]
+BACKENDS = [("reference", torch.float64, 1e-10), ("cpu", torch.float32, 2e-5), ("triton", torch.float32, 2e-5)]
 
 
 def _documents(layout, seed=0):
@@ -167,16 +167,15 @@ def test_document_classifier_packed_equals_alone(backend, dtype, tol):
             assert_close_scaled(packed_grads[name], want, tol, name)
 
 
-def test_triton_declines_documents_and_auto_runs_the_next_backend():
-    """The Triton kernels do not take `document_ids` yet: named explicitly they refuse the packed call with the
-    reason; `auto` serves it with another backend (exact to the reference here)."""
+def test_triton_serves_packed_calls():
+    """The Triton kernels serve `document_ids` (the CUDA library's refusal: `test_op_features.py`)."""
     x, masks = make_inputs(1, 24, 2, 8, documents=[10, 14])
     args = check_inputs(**x, window=3, **masks)
-    from prefix_kernels.attention import _why_not, serving_backend
+    from prefix_kernels.attention import _why_not
 
-    if pk.available_backends()["triton"] is None:
-        assert "document_ids" in _why_not("triton", args)
-    assert serving_backend(args, "auto") in ("cpu", "reference")
+    if pk.available_backends()["triton"] is not None:
+        pytest.skip(f"triton: {pk.available_backends()['triton']}")
+    assert _why_not("triton", args) is None
 
 
 def test_static_formulation_honours_documents():
