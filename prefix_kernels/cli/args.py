@@ -16,34 +16,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert, admissible, kind: str):
+    """`convert(text)`, an argument error unless it parses and `admissible(value)` holds; `kind` names what is
+    expected ("a positive integer")."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if not admissible(value):
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
+    return _number(text, float, lambda value: 0 < value < float("inf"), "a positive number")
 
 
 def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not abs(value) < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-    return value
+    return _number(text, float, lambda value: abs(value) < float("inf"), "a finite number")
 
 
 def device_arg(text: str) -> torch.device:
