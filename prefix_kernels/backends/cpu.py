@@ -137,10 +137,10 @@ class _Masks:
     dead: torch.Tensor | None  # (B, N) bool: rows whose local result is not the output (padding, global)
     global_rows: tuple[torch.Tensor, torch.Tensor] | None  # (batch index, position) of every used global slot
     global_valid: torch.Tensor | None  # (B, G) bool: slot g < global_count[b]
-    # Documents: `(B, nb, c, L + G)` bool, a live row and a column it may see share a document (True where either
-    # does not matter), and `(B, nb)` bool, the blocks where some pair does not (they straddle a boundary, or see a
-    # global key of another document): only those pay for the row-by-column mask.
-    doc_ok: torch.Tensor | None = None
+    # Documents: `(B, nb, c, L + G)` bool, a live row and a column it may otherwise see are in different documents,
+    # and `(B, nb)` bool, the blocks with such a pair (they straddle a boundary, or see a global key of another
+    # document): only those pay for the row-by-column mask.
+    doc_off: torch.Tensor | None = None
     doc_blocks: torch.Tensor | None = None
     global_doc_ok: torch.Tensor | None = None  # (B, G, N) bool: global slot g and key j share a document
 
@@ -206,9 +206,9 @@ def _document_masks(plan: _Plan, masks: _Masks, doc: torch.Tensor, col_ok: torch
     one_doc = ~any_live | (lo == hi)
     other_doc = one_doc[..., None] & any_live[..., None] & (cols != hi[..., None]) & col_ok
     masks.col_bias[..., : plan.text].masked_fill_(other_doc, masks.col_bias.new_tensor(torch.finfo(dtype).min / 4))
-    ok = (rows[..., None] == cols[:, :, None, :]) | ~live[..., None] | ~col_ok[:, :, None, :]
-    masks.doc_ok = ok
-    masks.doc_blocks = ~one_doc & ~ok.flatten(2).all(-1)
+    off = (rows[..., None] != cols[:, :, None, :]) & live[..., None] & col_ok[:, :, None, :]
+    masks.doc_off = off
+    masks.doc_blocks = ~one_doc & off.flatten(2).any(-1)
     if g:
         masks.global_doc_ok = doc.gather(1, global_idx.long())[:, :, None] == doc[:, None, :]
 
@@ -324,11 +324,11 @@ def _group_scores(plan, masks, q, kb, b, j0, j1, rows, scale):
     r0 = j0 * plan.block
     qb = q[b, r0 : r0 + (j1 - j0) * rows].view(j1 - j0, rows, plan.heads, plan.head_dim).transpose(1, 2)
     bias = masks.band_bias[:rows] + masks.col_bias[b, j0:j1, None, :]
-    s = torch.add(bias[:, None], torch.matmul(qb, kb.transpose(-1, -2)), alpha=scale)
     if masks.doc_blocks is not None and bool(masks.doc_blocks[b, j0:j1].any()):
-        # Only groups with a block across a document boundary (or a global key of another document) pay for this.
-        other = ~masks.doc_ok[b, j0:j1, None, :rows]
-        s[..., : plan.text].masked_fill_(other, torch.finfo(s.dtype).min / 4)
+        # Only groups with a block across a document boundary (or a global key of another document) pay for this,
+        # on the group's bias (shared by the heads).
+        bias[..., : plan.text].masked_fill_(masks.doc_off[b, j0:j1, :rows], torch.finfo(bias.dtype).min / 4)
+    s = torch.add(bias[:, None], torch.matmul(qb, kb.transpose(-1, -2)), alpha=scale)
     return s, qb
 
 
