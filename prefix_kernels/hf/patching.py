@@ -26,7 +26,7 @@ Exporting, at the model level (`_ExportableModel`, in front of `LongformerModel`
   whose attention is all patched skips it: the same outputs, fewer rows, a length that may be any size;
 * HF builds its 2D float mask by expanding it to `(B, 1, N, N)` and keeping the first query row (`LEDEncoder`, and
   `LongformerModel` in transformers 5): the same values are built as `(B, 1, 1, N)`, so the graph holds no
-  `N x N` tensor.
+  `N x N` tensor. Run eagerly, the patched model builds the mask that way too.
 
 The patched attention itself is `hf/self_attention.py`.
 """
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -139,6 +140,7 @@ def _padding_bias(config, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     return torch.where(attention_mask.to(inputs_embeds.device).bool(), zero, torch.finfo(dtype).min)[:, None, None]
 
 
+@functools.cache
 def _one_query_row(prepare: Callable) -> Callable:
     """LED's `_prepare_4d_attention_mask_inverted` with one query row (`tgt_len=1`) unless another is asked for: the
     encoder keeps only `[:, 0, 0, :]`."""
@@ -146,23 +148,25 @@ def _one_query_row(prepare: Callable) -> Callable:
     def prepare_one_row(mask, dtype, tgt_len=None):
         return prepare(mask, dtype, 1 if tgt_len is None else tgt_len)
 
+    prepare_one_row._prefix_kernels_one_row = True
     return prepare_one_row
+
+
+_padding_bias._prefix_kernels_one_row = True
+_ONE_ROW_BUILDERS = ((_LONGFORMER, "create_bidirectional_mask", lambda f: _padding_bias),
+                     (_LED, "_prepare_4d_attention_mask_inverted", _one_query_row))
 
 
 @contextlib.contextmanager
 def _masks_without_query_rows() -> Iterator[None]:
-    """The modeling modules' mask builders replaced, for the traced forward, by ones that build the row HF keeps."""
-    import importlib
-
+    """The modeling modules' mask builders replaced, for one model forward, by ones that build the row HF keeps.
+    A builder already replaced (a nested forward, another thread's) is left to its scope; whatever the interleaving,
+    a model sees HF's values either way."""
     replaced = []
-    for module_name, name, replacement in ((_LONGFORMER, "create_bidirectional_mask", lambda f: _padding_bias),
-                                           (_LED, "_prepare_4d_attention_mask_inverted", _one_query_row)):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
+    for module_name, name, replacement in _ONE_ROW_BUILDERS:
+        module = sys.modules.get(module_name)  # a model of that family has imported it
         original = getattr(module, name, None)
-        if original is not None:
+        if original is not None and not getattr(original, "_prefix_kernels_one_row", False):
             replaced.append((module, name, original))
             setattr(module, name, replacement(original))
     try:
@@ -173,18 +177,22 @@ def _masks_without_query_rows() -> Iterator[None]:
 
 
 class _ExportableModel:
-    """Mixin placed in front of HF's `LongformerModel` (and, with `_TraceableEncoder`, `LEDEncoder`): while an
-    exporter traces it, HF's mask builders make the one row of the mask HF keeps, not `(B, 1, N, N)`, and, for a model
-    whose attention is all patched and when no attention maps are asked for, `_pad_to_window_size` pads nothing (the
-    patched attention takes any length; HF's padding rows would only be cut off again), so the exported length may
-    be dynamic. Eagerly and under `torch.compile`, HF's own forward."""
+    """Mixin placed in front of HF's `LongformerModel` (and, with `_TraceableEncoder`, `LEDEncoder`): run eagerly or
+    while an exporter traces it, HF's mask builders make the one row of the mask HF keeps, not `(B, 1, N, N)` (the
+    same values; eagerly it saves an `N x N` mask per batch row in every forward pass); while an exporter traces a
+    model whose attention is all patched and no attention maps are asked for, `_pad_to_window_size` also pads
+    nothing (the patched attention takes any length; HF's padding rows would only be cut off again), so the exported
+    length may be dynamic. Under `torch.compile`, HF's own forward."""
 
     _hf_class: type
     _hf_arg_names: tuple[str, ...]
 
     def forward(self, *args, **kwargs):
         if not is_exporting():
-            return super().forward(*args, **kwargs)
+            if torch.compiler.is_compiling():
+                return super().forward(*args, **kwargs)
+            with _masks_without_query_rows():
+                return super().forward(*args, **kwargs)
         call = dict(zip(self._hf_arg_names[: len(args)], args, strict=True))
         call.update(kwargs)
         _UNPADDED.append(_all_fused(self) and not _wants_maps(self, call))
