@@ -173,8 +173,8 @@ def new_arguments_inputs(b: int, n: int, seed: int, globals_per_row: int, docume
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter says it is deprecated
 def test_op_new_arguments_exported(tmp_path):
     """The op's new arguments through `torch.export` (dynamic batch and length, no value growing with N twice) and
-    the legacy ONNX exporter (`dynamic_axes`) in onnxruntime, run at other sizes, document layouts and global counts
-    than traced."""
+    both ONNX exporters (the legacy one with `dynamic_axes`, the dynamo one with `dynamic_shapes`) in onnxruntime,
+    run at other sizes, document layouts and global counts than traced."""
     model = NewArguments()
     example = new_arguments_inputs(2, 40, 0, 2, [10, 15])
     others = [new_arguments_inputs(3, 40, 1, 6, [3, 30]), new_arguments_inputs(1, 90, 2, 9, [20, 1, 40]),
@@ -190,10 +190,13 @@ def test_op_new_arguments_exported(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     names = ["q", "k", "v", "is_global", "key_padding_mask", "document_ids", "prefix_k", "prefix_v",
              "prefix_k_global", "prefix_v_global", "prefix_scale"]
-    path = tmp_path / "op.onnx"
-    torch.onnx.export(model, example, str(path), dynamo=False, input_names=names,
+    legacy, dynamo = tmp_path / "legacy.onnx", tmp_path / "dynamo.onnx"
+    torch.onnx.export(model, example, str(legacy), dynamo=False, input_names=names,
                       dynamic_axes={name: {0: "batch", 1: "n"} for name in names[:6]})
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for args in (example, *others):
-        got = session.run(None, {name: t.numpy() for name, t in zip(names, args, strict=True)})[0]
-        torch.testing.assert_close(torch.from_numpy(got), model(*args), atol=1e-5, rtol=0)
+    pytest.importorskip("onnxscript")
+    torch.onnx.export(model, example, str(dynamo), dynamo=True, input_names=names, dynamic_shapes=dims)
+    for path in (legacy, dynamo):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for args in (example, *others):
+            got = session.run(None, {name: t.numpy() for name, t in zip(names, args, strict=True)})[0]
+            torch.testing.assert_close(torch.from_numpy(got), model(*args), atol=1e-5, rtol=0, msg=path.stem)
