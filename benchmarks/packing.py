@@ -13,9 +13,11 @@ per step, one epoch per batching:
 
 Each batching runs in its own process (peak memory is the process's peak resident set); the report gives real tokens
 per second, the speed-up of packing, peak memory, and the largest difference of the loss per document between packed
-rows and padded batches (eval mode, the same initial weights). Takes minutes on a CPU:
+rows and padded batches (eval mode, the same initial weights). `--interleave` also trains the three in turns in one
+more process (a step of each, then the next), so that a machine whose speed drifts between the runs (a shared one)
+slows all three alike, and quotes that speed-up too. Takes minutes on a CPU:
 
-    python benchmarks/packing.py [--docs 256] [--device cpu] [--json out.json]
+    python benchmarks/packing.py [--docs 256] [--device cpu] [--interleave] [--json out.json]
 """
 
 from __future__ import annotations
@@ -161,6 +163,38 @@ def run_one(args, kind: str) -> dict:
             "tokens_per_s": real / seconds, "peak_bytes": peak, "losses": losses}
 
 
+def run_interleaved(args) -> dict:
+    """The three batchings' training steps in one process, in turns (a packed step, a padded one, a grouped one, ...),
+    each on its own copy of the model and optimizer: a slower or faster stretch of the machine falls on all three
+    alike. Seconds of training per batching (the same steps as `run_one`'s, without its warm-up and loss pass)."""
+    docs = documents(args)
+    kinds = ("packed", "padded", "grouped")
+    plans = {kind: steps(args, kind, docs) for kind in kinds}
+    models = {kind: build(args.device).train() for kind in kinds}
+    opts = {kind: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for kind, m in models.items()}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for kind in kinds:  # one untimed step each
+        out = models[kind](**{k: v.to(args.device) for k, v in batch_for(kind, docs, plans[kind][0]).items()})
+        out.loss.backward()
+        opts[kind].zero_grad(set_to_none=True)
+    seconds = dict.fromkeys(kinds, 0.0)
+    for i in range(max(len(plan) for plan in plans.values())):
+        for kind in kinds:
+            if i >= len(plans[kind]):
+                continue
+            sync()
+            start = time.perf_counter()
+            batch = batch_for(kind, docs, plans[kind][i])
+            out = models[kind](**{k: v.to(args.device) for k, v in batch.items()})
+            out.loss.backward()
+            opts[kind].step()
+            opts[kind].zero_grad(set_to_none=True)
+            sync()
+            seconds[kind] += time.perf_counter() - start
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=256)
@@ -171,22 +205,27 @@ def main() -> None:
     ap.add_argument("--loss-docs", type=int, default=32, help="documents whose loss is compared")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--one", choices=("packed", "padded", "grouped"), help=argparse.SUPPRESS)
+    ap.add_argument("--interleave", action="store_true",
+                    help="also time the three batchings in turns in one process, and quote that speed-up")
+    ap.add_argument("--one", choices=("packed", "padded", "grouped", "interleaved"), help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(args, args.one)))
+        print(json.dumps(run_interleaved(args) if args.one == "interleaved" else run_one(args, args.one)))
         return
     results = {}
-    for kind in ("packed", "padded", "grouped"):
+    for kind in ("packed", "padded", "grouped", *(("interleaved",) if args.interleave else ())):
         argv = sys.argv[1:]
         keep = [a for i, a in enumerate(argv) if a != "--json" and not (i and argv[i - 1] == "--json")]
         cmd = [sys.executable, __file__, "--one", kind, *keep]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[kind]
+        if kind == "interleaved":
+            print("in turns, one process: " + ", ".join(f"{k} {v:.1f} s" for k, v in r.items()), flush=True)
+            continue
         print(f"{kind:8s} steps {r['steps']:4d}  real tokens {r['real_tokens']:7d}  row tokens {r['row_tokens']:7d}  "
               f"{r['seconds']:7.1f} s  {r['tokens_per_s']:8.0f} real tok/s  peak {r['peak_bytes'] / 2**20:7.0f} MiB",
               flush=True)
@@ -195,6 +234,9 @@ def main() -> None:
         other = results[kind]
         common = set(packed["losses"]) & set(other["losses"])
         diff = max((abs(packed["losses"][i] - other["losses"][i]) for i in common), default=float("nan"))
+        if args.interleave:
+            turns = results["interleaved"]
+            print(f"packed vs {kind}, in turns: {turns[kind] / turns['packed']:.2f}x real tokens/s")
         print(f"packed vs {kind}: {packed['tokens_per_s'] / other['tokens_per_s']:.2f}x real tokens/s, peak memory "
               f"{packed['peak_bytes'] / other['peak_bytes']:.2f}x, loss per document max |diff| {diff:.2e} over "
               f"{len(common)} documents")
