@@ -166,7 +166,8 @@ def run_one(args, kind: str) -> dict:
 def run_interleaved(args) -> dict:
     """The three batchings' training steps in one process, in turns (a packed step, a padded one, a grouped one, ...),
     each on its own copy of the model and optimizer: a slower or faster stretch of the machine falls on all three
-    alike. Seconds of training per batching (the same steps as `run_one`'s, without its warm-up and loss pass)."""
+    alike. Seconds of training per batching: the steps `run_one` times, after the same untimed warm-up (`--warmup`
+    steps each), without its loss pass."""
     docs = documents(args)
     kinds = ("packed", "padded", "grouped")
     plans = {kind: steps(args, kind, docs) for kind in kinds}
@@ -174,10 +175,11 @@ def run_interleaved(args) -> dict:
     opts = {kind: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
             for kind, m in models.items()}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for kind in kinds:  # one untimed step each
-        out = models[kind](**{k: v.to(args.device) for k, v in batch_for(kind, docs, plans[kind][0]).items()})
-        out.loss.backward()
-        opts[kind].zero_grad(set_to_none=True)
+    for kind in kinds:  # not timed, as in `run_one`
+        for pick in plans[kind][: args.warmup]:
+            out = models[kind](**{k: v.to(args.device) for k, v in batch_for(kind, docs, pick).items()})
+            out.loss.backward()
+            opts[kind].zero_grad(set_to_none=True)
     seconds = dict.fromkeys(kinds, 0.0)
     for i in range(max(len(plan) for plan in plans.values())):
         for kind in kinds:

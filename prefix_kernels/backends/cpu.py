@@ -142,7 +142,7 @@ class _Masks:
     # document): only those pay for the row-by-column mask.
     doc_off: torch.Tensor | None = None
     doc_blocks: torch.Tensor | None = None
-    global_doc_ok: torch.Tensor | None = None  # (B, G, N) bool: global slot g and key j share a document
+    global_doc_off: torch.Tensor | None = None  # (B, G, N) bool: global slot g and key j are in different documents
 
 
 def _masks(plan: _Plan, key_padding_mask, global_idx, global_count, document_ids, dtype) -> _Masks:
@@ -210,7 +210,7 @@ def _document_masks(plan: _Plan, masks: _Masks, doc: torch.Tensor, col_ok: torch
     masks.doc_off = off
     masks.doc_blocks = ~one_doc & off.flatten(2).any(-1)
     if g:
-        masks.global_doc_ok = doc.gather(1, global_idx.long())[:, :, None] == doc[:, None, :]
+        masks.global_doc_off = doc.gather(1, global_idx.long())[:, :, None] != doc[:, None, :]
 
 
 def _cached_masks(plan: _Plan, key_padding_mask, global_idx, global_count, document_ids, dtype) -> _Masks:
@@ -416,7 +416,7 @@ class _GlobalRows:
     prefix_k: torch.Tensor | None  # (B, P, H, D): the prefix keys of the global rows
     prefix_v: torch.Tensor | None
     key_padding_mask: torch.Tensor | None  # (B, N)
-    doc_ok: torch.Tensor | None  # (B, G, N): slot and key share a document
+    doc_off: torch.Tensor | None  # (B, G, N): slot and key are in different documents
     counts: list[int]  # used slots per batch row
 
     def queries(self, b: int) -> torch.Tensor:
@@ -433,7 +433,7 @@ def _global_rows(plan, masks, q_global, k_global, v_global, prefix_k, prefix_v, 
                  global_count) -> _GlobalRows:
     idx = global_idx.long()[:, :, None, None].expand(-1, -1, plan.heads, plan.head_dim)
     return _GlobalRows(torch.gather(q_global, 1, idx), k_global, v_global, prefix_k, prefix_v, key_padding_mask,
-                       masks.global_doc_ok, global_count.tolist())
+                       masks.global_doc_off, global_count.tolist())
 
 
 def _global_scores(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
@@ -450,8 +450,8 @@ def _global_scores(plan, gr: _GlobalRows, b: int, scale: float) -> torch.Tensor:
         s = torch.add(bias, s, alpha=scale)
     else:
         s = s.mul_(scale)
-    if gr.doc_ok is not None:
-        s[..., : plan.n].masked_fill_(~gr.doc_ok[b], neg)
+    if gr.doc_off is not None:
+        s[..., : plan.n].masked_fill_(gr.doc_off[b], neg)
     return s
 
 
